@@ -1,0 +1,55 @@
+# PTB LSTM language models (Zaremba et al. 2014). `make help` lists the targets.
+# Every target that needs the environment builds it first: on a fresh machine
+# `make train-small` and `make test` are the only commands you need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data train-small train-medium train-large eval table test test-fast bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@echo "  ARGS='key=value ...' passes Hydra overrides to train-*, e.g. make train-small ARGS='trainer.seed=2'"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install the package with its dev extras
+
+data: $(STAMP) ## download PTB into data/ptb (or $$LM_DATA_DIR) and check the MD5 sums
+	$(PY) -m lm.data
+
+train-small: data ## train the paper's small (non-regularized) model, then print the table
+	$(PY) -m lm.train experiment=zaremba_small $(ARGS)
+	$(PY) -m lm.report
+
+train-medium: data ## train the paper's medium regularized model (39 epochs), then print the table
+	$(PY) -m lm.train experiment=zaremba_medium $(ARGS)
+	$(PY) -m lm.report
+
+train-large: data ## train the paper's large regularized model (55 epochs), then print the table
+	$(PY) -m lm.train experiment=zaremba_large $(ARGS)
+	$(PY) -m lm.report
+
+eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=results/zaremba_small/seed-1/checkpoint.pt
+	@test -n "$(CKPT)" || { echo "error: give CKPT=path/to/checkpoint.pt" >&2; exit 2; }
+	$(PY) -m lm.evaluate checkpoint=$(CKPT) $(ARGS)
+
+table: $(STAMP) ## regenerate results/README.md and the learning-curve plots from results/**/metrics.json
+	$(PY) -m lm.report
+
+test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)
+	$(PY) -m pytest
+
+bench: $(STAMP) ## training and evaluation speed, written to results/bench.json
+	$(PY) scripts/bench.py $(ARGS)
+
+clean: ## remove the environment and caches (keeps data/ and results/)
+	rm -rf $(VENV) .pytest_cache *.egg-info

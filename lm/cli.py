@@ -1,0 +1,84 @@
+"""Shared command-line plumbing for the Hydra entry points.
+
+A user error (a bad config value, missing data, a wrong checkpoint) ends the
+command with one line on stderr and exit code 2, no traceback. For a single
+run the config is composed and checked *before* Hydra creates the run folder,
+so a rejected command writes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_USER_ERROR = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+
+    from lm.checkpoint import CheckpointError
+    from lm.config import ConfigError
+    from lm.data import DataError
+
+    return (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException)
+
+
+def one_line(err: BaseException) -> str:
+    """The error and its cause squeezed onto one line."""
+    parts = [str(err)]
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause) and str(cause) not in parts[0]:
+        parts.append(str(cause).splitlines()[0])
+    text = " ".join(" ".join(parts).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def die(err: BaseException) -> None:
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def exit_on_user_error(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Wrap a Hydra task so that a user error exits at once (Hydra would add its own lines)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except user_errors() as err:
+            die(err)
+
+    return wrapper
+
+
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """Compose a config the way the command line would (used by preflight and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def run_app(hydra_main: Callable[[], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None) -> None:
+    """Run a ``@hydra.main`` function, turning user errors into one line and exit code 2."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's printer
+    args = sys.argv[1:]
+    errors = user_errors()
+    if preflight is not None and not any(a.startswith("-") for a in args):
+        try:
+            preflight(compose(config_name, args, return_hydra_config=True))
+        except errors as err:
+            die(err)
+    try:
+        hydra_main()
+    except errors as err:
+        die(err)

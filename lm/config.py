@@ -1,0 +1,152 @@
+"""Typed schema for the Hydra configs, and the start-up check that enforces it.
+
+The YAML files under ``configs/`` hold every value; the dataclasses here hold
+only types and allowed ranges (no defaults that could disagree with the YAML).
+``validate`` turns a composed ``DictConfig`` into plain typed objects or raises
+``ConfigError`` with one line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    dropout: float = MISSING
+    init_scale: float = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    dir: str = MISSING
+    download: bool = MISSING
+    url: str = MISSING
+    batch_size: int = MISSING
+    bptt: int = MISSING
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    lr_decay: float = MISSING
+    decay_start_epoch: int = MISSING
+    decay_convention: str = MISSING
+    max_grad_norm: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    seed: int = MISSING
+    max_steps: Optional[int] = MISSING
+    resume: Optional[str] = MISSING
+    threads: int = MISSING
+    device: str = MISSING
+    log_every: int = MISSING
+    eval_window: int = MISSING
+    progress: bool = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class TrainConfig:
+    name: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    data_dir: Optional[str] = MISSING
+    batch_size: Optional[int] = MISSING
+    bptt: Optional[int] = MISSING
+    eval_window: int = MISSING
+    threads: int = MISSING
+    device: str = MISSING
+    output: Optional[str] = MISSING
+
+
+DECAY_CONVENTIONS = ("tf", "lua")
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "config"
+    msg = str(getattr(err, "msg", err)).strip().splitlines()[0]
+    return f"{key}: {msg}"
+
+
+def to_typed(cfg: DictConfig | dict, schema: type) -> Any:
+    """Merge ``cfg`` into ``schema`` (rejecting unknown keys and wrong types)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _positive_int(value: int, key: str) -> None:
+    _require(value >= 1, key, "a positive integer", value)
+
+
+def validate_model(m: ModelConfig) -> None:
+    _positive_int(m.hidden_size, "model.hidden_size")
+    _positive_int(m.num_layers, "model.num_layers")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+    _require(0.0 < m.init_scale <= 1.0, "model.init_scale", "in (0, 1]", m.init_scale)
+
+
+def validate(cfg: DictConfig | dict) -> TrainConfig:
+    """Typed, range-checked training config; raises ``ConfigError``."""
+    c: TrainConfig = to_typed(cfg, TrainConfig)
+    validate_model(c.model)
+    _positive_int(c.data.batch_size, "data.batch_size")
+    _positive_int(c.data.bptt, "data.bptt")
+    _require(bool(c.data.dir), "data.dir", "a folder path", c.data.dir)
+    o = c.optim
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a positive number", o.lr)
+    _require(0.0 < o.lr_decay <= 1.0, "optim.lr_decay", "in (0, 1] (the factor applied each epoch)", o.lr_decay)
+    _require(o.decay_start_epoch >= 0, "optim.decay_start_epoch", "a non-negative integer", o.decay_start_epoch)
+    _require(o.decay_convention in DECAY_CONVENTIONS, "optim.decay_convention", f"one of {DECAY_CONVENTIONS}", o.decay_convention)
+    _require(o.max_grad_norm > 0, "optim.max_grad_norm", "a positive number", o.max_grad_norm)
+    t = c.trainer
+    _positive_int(t.epochs, "trainer.epochs")
+    _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", "null or a positive integer", t.max_steps)
+    _require(t.threads >= 0, "trainer.threads", "0 (all cores) or a positive integer", t.threads)
+    _positive_int(t.log_every, "trainer.log_every")
+    _positive_int(t.eval_window, "trainer.eval_window")
+    _require(t.device in ("cpu", "cuda", "auto"), "trainer.device", "cpu, cuda or auto", t.device)
+    return c
+
+
+def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
+    c: EvalConfig = to_typed(cfg, EvalConfig)
+    _require(bool(c.checkpoint), "checkpoint", "a checkpoint path", c.checkpoint)
+    for key in ("batch_size", "bptt"):
+        value = getattr(c, key)
+        _require(value is None or value >= 1, key, "null or a positive integer", value)
+    _positive_int(c.eval_window, "eval_window")
+    _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
+    return c

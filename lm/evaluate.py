@@ -1,0 +1,159 @@
+"""Perplexity under the two evaluation protocols, and ``python -m lm.evaluate``.
+
+- batched: the split cut into ``batch_size`` streams and ``bptt`` windows with
+  the state carried (what the paper's code does for validation every epoch);
+- stream (the paper's test protocol): one continuous stream, batch 1, state
+  carried over the whole split, every token after the first predicted. Feeding
+  the stream in long windows is the same computation as one token at a time
+  (dropout is off and the state is carried), only much faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from lm.data import Corpus, batchify, bptt_windows
+from lm.model import LSTMLanguageModel
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("batched", "stream")
+PROTOCOL_DESCRIPTIONS = {
+    "batched": "batched streams and BPTT windows, state carried",
+    "stream": "paper: one stream, batch 1, state carried, every token after the first predicted",
+}
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """Token-weighted perplexity: exp(total negative log-likelihood / tokens predicted)."""
+    if tokens <= 0:
+        raise ValueError("perplexity needs at least one predicted token")
+    return math.exp(nll_sum / tokens)
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
+    """Summed NLL (nats) and number of predictions over ``data`` [streams, n]; state starts at zero."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    state = model.init_state(data.size(0))
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in bptt_windows(data, window):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, state = model(x, state)
+        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return float(nll), count
+
+
+def evaluate_split(
+    model: LSTMLanguageModel, ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int
+) -> dict[str, float]:
+    """Perplexity of one split under one protocol, with the counts behind it."""
+    if protocol == "batched":
+        nll, count = evaluate(model, batchify(ids, batch_size), bptt)
+    elif protocol == "stream":
+        nll, count = evaluate(model, batchify(ids, 1), stream_window)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    return {"ppl": perplexity(nll, count), "nll": nll, "tokens": count}
+
+
+def evaluate_all(
+    model: LSTMLanguageModel, corpus: Corpus, batch_size: int, bptt: int, stream_window: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols."""
+    return {
+        split: {p: evaluate_split(model, corpus.split(split), p, batch_size, bptt, stream_window) for p in PROTOCOLS}
+        for split in ("valid", "test")
+    }
+
+
+def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'split':<6} {'protocol':<8} {'perplexity':>10} {'predictions':>12}"]
+    for split, by_protocol in results.items():
+        for protocol, r in by_protocol.items():
+            lines.append(f"{split:<6} {protocol:<8} {r['ppl']:>10.2f} {r['tokens']:>12,}")
+    return "\n".join(lines)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Load a checkpoint, evaluate it under both protocols, print and write JSON."""
+    from lm.checkpoint import atomic_write_json, load_checkpoint
+    from lm.config import validate, validate_eval
+    from lm.train import load_data, select_device
+
+    ecfg = validate_eval(cfg)
+    ckpt = load_checkpoint(ecfg.checkpoint)
+    train_cfg = validate(ckpt["config"])
+    if ecfg.data_dir is not None:
+        train_cfg.data.dir = ecfg.data_dir
+    if ecfg.threads:
+        torch.set_num_threads(ecfg.threads)
+    corpus = load_data(train_cfg.data)
+    model = build_model_from_checkpoint(ckpt, len(corpus.vocab))
+    device = select_device(ecfg.device)
+    model.to(device)
+    batch_size = ecfg.batch_size or train_cfg.data.batch_size
+    bptt = ecfg.bptt or train_cfg.data.bptt
+    results = evaluate_all(model, corpus, batch_size, bptt, ecfg.eval_window)
+    print(format_results(results))
+    report = {
+        "checkpoint": str(ecfg.checkpoint),
+        "epoch": ckpt["epoch"],
+        "batch_size": batch_size,
+        "bptt": bptt,
+        "protocols": PROTOCOL_DESCRIPTIONS,
+        "results": results,
+    }
+    output = Path(ecfg.output) if ecfg.output else Path(ecfg.checkpoint).with_name("eval.json")
+    atomic_write_json(output, report)
+    print(f"wrote {output}")
+    return report
+
+
+def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLanguageModel:
+    """The checkpoint's model with its weights; refuses a vocabulary of another size."""
+    from lm.checkpoint import CheckpointError
+    from lm.config import validate
+
+    cfg = validate(ckpt["config"])
+    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
+    if saved_vocab != vocab_size:
+        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, the corpus {vocab_size}: use the corpus it was trained on")
+    model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    from lm.cli import CONFIG_DIR, exit_on_user_error, run_app
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+    @exit_on_user_error
+    def main(cfg: DictConfig) -> None:
+        run_evaluation(cfg)
+
+    run_app(main, "evaluate", preflight=lambda cfg: validate_eval_only(cfg))
+
+
+def validate_eval_only(cfg: DictConfig) -> None:
+    from lm.config import validate_eval
+
+    validate_eval(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+
+if __name__ == "__main__":
+    _hydra_entry()

@@ -1,0 +1,323 @@
+"""Training: ``python -m lm.train experiment=zaremba_small`` (any key overridable).
+
+The loop is the paper's: cross-entropy summed over the BPTT window and
+averaged over the batch (so lr 1 and clip 5 mean what they meant there),
+global grad-norm clipping, plain SGD, an lr that is a pure function of the
+epoch, and a hidden state carried (detached) across windows and reset at each
+epoch and evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from lm.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate
+from lm.data import Corpus, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
+from lm.model import LSTMLanguageModel, count_parameters, detach_state
+
+log = logging.getLogger("lm.train")
+
+METRICS_NAME = "metrics.json"
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def learning_rate(epoch: int, optim: OptimConfig) -> float:
+    """The lr of 0-based ``epoch``.
+
+    tf  (TF tutorial): lr * decay ** max(epoch + 1 - decay_start_epoch, 0),
+        i.e. ``decay_start_epoch`` epochs at the full lr, as the paper states.
+    lua (authors' code): decays one epoch later.
+    """
+    shift = 1 if optim.decay_convention == "tf" else 0
+    return optim.lr * optim.lr_decay ** max(epoch + shift - optim.decay_start_epoch, 0)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device is cuda but no GPU is visible: use trainer.device=cpu")
+    return torch.device(name)
+
+
+def load_data(data: DataConfig) -> Corpus:
+    folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")
+    if data.name == "ptb":
+        ensure_ptb(folder, data.url, download=data.download)
+    return load_corpus(folder)
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+@dataclass
+class EpochStats:
+    nll: float
+    tokens: int
+    steps: int
+    grad_norm: float
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.nll, self.tokens)
+
+
+def train_epoch(
+    model: LSTMLanguageModel,
+    windows: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    max_steps: int | None = None,
+    progress: Any = None,
+    on_log: Any = None,
+    log_every: int = 100,
+) -> EpochStats:
+    """One pass over ``windows``; returns summed stats. No host sync per step."""
+    model.train()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters()]
+    batch_size = windows[0][0].size(0)
+    state = model.init_state(batch_size)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = steps = 0
+    start = time.perf_counter()
+    for x, y in windows:
+        if max_steps is not None and steps >= max_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        state = detach_state(state)
+        logits, state = model(x, state)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+        (loss_sum / batch_size).backward()  # summed over time, averaged over the batch
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        nll += loss_sum.detach().double()
+        norm_sum += grad_norm.double()
+        tokens += y.numel()
+        steps += 1
+        if progress is not None:
+            progress.update(y.numel())
+        if on_log is not None and steps % log_every == 0:
+            on_log(steps, float(nll) / tokens, float(grad_norm))
+    return EpochStats(float(nll), tokens, steps, float(norm_sum) / max(steps, 1), time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
+    saved = validate(ckpt["config"])
+    for key in ("hidden_size", "num_layers"):
+        a, b = getattr(saved.model, key), getattr(cfg.model, key)
+        if a != b:
+            raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
+    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
+    if saved_vocab != vocab_size:
+        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, this corpus {vocab_size}: resume on the same corpus")
+
+
+def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        path = out_dir / CHECKPOINT_NAME
+        return path if path.exists() else None
+    return Path(resume)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    wall_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = select_device(cfg.trainer.device)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+    corpus = load_data(cfg.data)
+    train_data = batchify(corpus.train, cfg.data.batch_size)
+    valid_data = batchify(corpus.valid, cfg.data.batch_size)
+    batchify(corpus.test, 1)  # fail early if the test split cannot be evaluated
+    windows = bptt_windows(train_data, cfg.data.bptt)
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    history: list[dict[str, Any]] = []
+    start_epoch = global_step = 0
+    best_valid = math.inf
+
+    resume_path = resolve_resume(cfg.trainer.resume, out_dir)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        _check_resumable(ckpt, cfg, len(corpus.vocab))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        history, start_epoch, global_step = ckpt["history"], ckpt["epoch"], ckpt["step"]
+        best_valid = ckpt["best_valid_ppl"]
+        log.info("resumed from %s after epoch %d (step %d)", resume_path, start_epoch, global_step)
+
+    log.info(
+        "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads",
+        cfg.name, f"{count_parameters(model):,}", len(windows), cfg.data.batch_size, cfg.data.bptt, device, torch.get_num_threads(),
+    )
+    writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+    max_steps = cfg.trainer.max_steps
+    try:
+        for epoch in range(start_epoch, cfg.trainer.epochs):
+            if max_steps is not None and global_step >= max_steps:
+                break
+            lr = learning_rate(epoch, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            remaining = None if max_steps is None else max_steps - global_step
+
+            def on_log(step: int, mean_nll: float, grad_norm: float, epoch: int = epoch) -> None:
+                s = global_step + step
+                writer.add_scalar("train/step_ppl", math.exp(mean_nll), s)
+                writer.add_scalar("train/grad_norm", grad_norm, s)
+
+            total = min(len(windows), remaining or len(windows)) * cfg.data.batch_size * cfg.data.bptt
+            with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", unit="w", unit_scale=True,
+                      disable=not cfg.trainer.progress, leave=False, dynamic_ncols=True) as bar:
+                stats = train_epoch(model, windows, optimizer, cfg.optim.max_grad_norm, remaining, bar, on_log, cfg.trainer.log_every)
+            global_step += stats.steps
+            eval_start = time.perf_counter()
+            valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))
+            best_valid = min(best_valid, valid_ppl)
+            record = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_ppl": stats.ppl,
+                "valid_ppl": valid_ppl,
+                "words_per_s": stats.tokens / stats.seconds,
+                "seconds": stats.seconds,
+                "eval_seconds": time.perf_counter() - eval_start,
+                "steps": stats.steps,
+                "grad_norm": stats.grad_norm,
+            }
+            history.append(record)
+            for key in ("train_ppl", "valid_ppl", "lr", "grad_norm", "words_per_s"):
+                writer.add_scalar(f"epoch/{key}", record[key], epoch + 1)
+            writer.flush()
+            log.info(
+                "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
+                epoch + 1, lr, stats.ppl, valid_ppl, record["words_per_s"], stats.seconds,
+            )
+            save_checkpoint(out_dir / CHECKPOINT_NAME, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+                "config": config_dict,
+                "epoch": epoch + 1,
+                "step": global_step,
+                "history": history,
+                "best_valid_ppl": best_valid,
+            })
+    finally:
+        writer.close()
+
+    log.info("final evaluation (valid and test, both protocols)")
+    results = evaluate_all(model, corpus, cfg.data.batch_size, cfg.data.bptt, cfg.trainer.eval_window)
+    metrics = {
+        "name": cfg.name,
+        "valid_ppl": results["valid"]["batched"]["ppl"],
+        "test_ppl": results["test"]["stream"]["ppl"],
+        "valid_protocol": "batched",
+        "test_protocol": "stream",
+        "protocols": PROTOCOL_DESCRIPTIONS,
+        "eval": {s: {p: r["ppl"] for p, r in by_p.items()} for s, by_p in results.items()},
+        "test_predictions": results["test"]["stream"]["tokens"],
+        "best_valid_ppl": best_valid,
+        "epochs": history,
+        "steps": global_step,
+        "train_seconds": sum(e["seconds"] for e in history),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "parameters": count_parameters(model),
+        "seed": cfg.trainer.seed,
+        "config": config_dict,
+        "overrides": list(overrides or []),
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    atomic_write_json(out_dir / METRICS_NAME, metrics)
+    log.info("valid ppl %.2f (batched)  test ppl %.2f (paper protocol)  -> %s", metrics["valid_ppl"], metrics["test_ppl"], out_dir / METRICS_NAME)
+    return metrics
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Checks that must pass before anything is written: config values, an existing finished run."""
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    c = validate(job_cfg)
+    run_dir = Path(cfg.hydra.run.dir)
+    if (run_dir / METRICS_NAME).exists() and c.trainer.resume is None and not c.trainer.overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a finished run: pass trainer.resume=auto to continue it, trainer.overwrite=true to replace it, "
+            f"or hydra.run.dir=... for a new folder"
+        )
+
+
+def _hydra_entry() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lm.cli import CONFIG_DIR, exit_on_user_error, run_app
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+    @exit_on_user_error
+    def main(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+
+    run_app(main, "train", preflight=preflight)
+
+
+if __name__ == "__main__":
+    _hydra_entry()

@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: synthetic corpora and composed configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lm.cli import compose
+from lm.config import TrainConfig, validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_corpus(folder: Path, lines: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A small corpus with some structure (so a model can learn) in train/valid/test.txt."""
+    lines = lines or {"train": 300, "valid": 40, "test": 40}
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "the company", "our model", "she", "he", "the market"]
+    verbs = ["said", "sees", "buys", "sold", "likes", "expects"]
+    objects = ["the fish", "shares", "a house", "N dollars", "the <unk>", "stocks", "a plan"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in lines.items():
+        text = "\n".join(
+            f" {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} " for _ in range(n)
+        )
+        (folder / f"{split}.txt").write_text(text + "\n")
+    return folder
+
+
+def train_config(overrides: list[str]) -> TrainConfig:
+    return validate(compose("train", overrides))
+
+
+def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny", "data=custom", f"data.dir={corpus}", "data.batch_size=4", "data.bptt=5",
+        "trainer.progress=false", "trainer.threads=1", "trainer.device=cpu", *extra,
+    ]

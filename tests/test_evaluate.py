@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.checkpoint import CheckpointError
+from lm.cli import compose
+from lm.data import batchify
+from lm.evaluate import evaluate, perplexity, run_evaluation
+from lm.model import LSTMLanguageModel
+from lm.train import train
+
+from helpers import tiny_overrides, train_config, write_corpus
+
+
+def test_perplexity_is_token_weighted_exp_of_mean_nll():
+    assert perplexity(10 * math.log(100.0), 10) == pytest.approx(100.0)
+    assert perplexity(0.0, 5) == 1.0
+    # a uniform guess over V words has perplexity V
+    logits = torch.zeros(7, 50)
+    nll = torch.nn.functional.cross_entropy(logits, torch.randint(0, 50, (7,)), reduction="sum")
+    assert perplexity(float(nll), 7) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        perplexity(1.0, 0)
+
+
+def test_stream_protocol_window_length_does_not_change_the_numbers():
+    """Long windows with the state carried are the same computation as one token at a time."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(40, 12, 2, 0.5, 0.1)
+    stream = batchify(torch.randint(0, 40, (301,)), 1)
+    one_at_a_time = evaluate(model, stream, 1)
+    assert one_at_a_time[1] == 300  # every token after the first
+    for window in (7, 64, 1000):
+        nll, count = evaluate(model, stream, window)
+        assert count == 300 and nll == pytest.approx(one_at_a_time[0], rel=1e-5)
+
+
+def test_evaluation_resets_state_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(40, 12, 2, 0.5, 0.1).train()
+    data = batchify(torch.randint(0, 40, (200,)), 4)
+    assert evaluate(model, data, 5) == evaluate(model, data, 5)
+    assert model.training
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    corpus = write_corpus(root / "corpus")
+    train(train_config(tiny_overrides(corpus, "trainer.max_steps=30")), root / "out")
+    return root
+
+
+def test_evaluate_command_matches_training_numbers(tiny_run: Path):
+    out = tiny_run / "eval.json"
+    report = run_evaluation(compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"output={out}", "device=cpu"]))
+    metrics = json.loads((tiny_run / "out" / "metrics.json").read_text())
+    assert report["results"]["test"]["stream"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-9)
+    assert report["results"]["valid"]["batched"]["ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-9)
+    assert json.loads(out.read_text())["results"]["test"]["stream"]["tokens"] == metrics["test_predictions"]
+
+
+def test_checkpoint_of_another_vocabulary_is_refused(tiny_run: Path, tmp_path: Path):
+    other = write_corpus(tmp_path / "other", seed=1)
+    (other / "train.txt").write_text((other / "train.txt").read_text() + " brand new words\n")
+    cfg = compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"data_dir={other}", f"output={tmp_path / 'e.json'}"])
+    with pytest.raises(CheckpointError, match="vocabulary of .* words, the corpus"):
+        run_evaluation(cfg)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None], ids=["empty", "garbage", "truncated"])
+def test_corrupt_checkpoint_is_refused(tiny_run: Path, tmp_path: Path, content):
+    bad = tmp_path / "checkpoint.pt"
+    good = (tiny_run / "out" / "checkpoint.pt").read_bytes()
+    bad.write_bytes(good[: len(good) // 2] if content is None else content)
+    with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+        run_evaluation(compose("evaluate", [f"checkpoint={bad}"]))

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lm.config import ModelConfig
+from lm.model import LSTMLanguageModel, count_parameters, detach_state
+
+
+def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageModel:
+    torch.manual_seed(0)
+    return LSTMLanguageModel(vocab, hidden, layers, dropout, init)
+
+
+@pytest.mark.parametrize(
+    "hidden, init, expected",
+    [(200, 0.1, 4_653_200), (650, 0.05, 19_780_400), (1500, 0.04, 66_034_000)],
+    ids=["small", "medium", "large"],
+)
+def test_parameter_counts_match_the_paper(hidden, init, expected):
+    model = LSTMLanguageModel.from_config(ModelConfig("m", hidden, 2, 0.0, init), 10_000)
+    assert count_parameters(model) == expected
+
+
+def test_every_parameter_uniform_in_init_range_biases_too():
+    model = make(hidden=64, init=0.05)
+    for name, p in model.named_parameters():
+        assert p.abs().max() <= 0.05, name
+        assert p.abs().max() > 0.04, name  # really spread over the range, not left at a default
+        if "bias" in name:
+            assert p.std() > 0.02, name
+
+
+def test_shapes_and_state():
+    model = make()
+    x = torch.randint(0, 30, (3, 7))
+    logits, state = model(x, model.init_state(3))
+    assert logits.shape == (3, 7, 30)
+    assert len(state) == 2 and state[0][0].shape == (1, 3, 8)
+
+
+def _capture_layers(model: LSTMLanguageModel):
+    seen = []
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, args[0].detach(), args[1], out[0].detach())))
+        for i, layer in enumerate(model.layers)
+    ]
+    return seen, hooks
+
+
+def test_dropout_never_touches_the_recurrent_path():
+    """Re-running each layer without dropout on the (already masked) input it saw must
+    give exactly its output: any mask on h_{t-1} -> h_t or on c would break this."""
+    model = make(dropout=0.5).train()
+    x = torch.randint(0, 30, (4, 9))
+    seen, hooks = _capture_layers(model)
+    model(x, model.init_state(4))
+    for h in hooks:
+        h.remove()
+    for i, layer_input, layer_state, layer_output in seen:
+        replay, _ = model.layers[i](layer_input, layer_state)
+        assert torch.equal(replay, layer_output), f"layer {i} output differs: a mask reached the recurrence"
+
+
+def test_replay_check_detects_recurrent_dropout():
+    """The check above can fail: an LSTM with a mask on h_{t-1} does not replay."""
+    model = make(dropout=0.5).train()
+    layer = model.layers[0]
+    x = torch.randn(4, 9, 8)
+    state = (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8))
+    outputs, hc = [], state
+    for t in range(9):  # a "wrong" placement: fresh mask on h_{t-1} at every step
+        h = nn.functional.dropout(hc[0], 0.5, training=True)
+        out, hc = layer(x[:, t : t + 1], (h, hc[1]))
+        outputs.append(out)
+    assert not torch.equal(torch.cat(outputs, 1), layer(x, state)[0])
+
+
+def test_dropout_in_exactly_l_plus_one_places_with_fresh_masks():
+    model = make(dropout=0.5, layers=3).train()
+    calls = []
+    for i, drop in enumerate(model.drops):
+        drop.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0], out)))
+    model(torch.randint(0, 30, (2, 6)), model.init_state(2))
+    assert [i for i, _, _ in calls] == [0, 1, 2, 3]  # embedding output, after each of the 3 layers
+    for i, inp, out in calls:
+        kept = out != 0
+        assert 0.2 < kept.float().mean() < 0.8  # about half dropped
+        assert torch.allclose(out[kept], inp[kept] * 2.0)  # inverted dropout: scaled at training time
+        # a fresh mask at every time step: the masks of different steps differ
+        masks = kept.transpose(0, 1).reshape(6, -1)
+        assert len({tuple(m.tolist()) for m in masks}) > 1
+
+
+def test_eval_mode_is_deterministic_and_mask_free():
+    model = make(dropout=0.5).eval()
+    x = torch.randint(0, 30, (2, 5))
+    a, _ = model(x, model.init_state(2))
+    b, _ = model(x, model.init_state(2))
+    assert torch.equal(a, b)
+
+
+def test_no_dropout_placement_when_rate_is_zero():
+    model = make(dropout=0.0).train()
+    x = torch.randint(0, 30, (2, 5))
+    assert torch.equal(model(x, model.init_state(2))[0], model.eval()(x, model.init_state(2))[0])
+
+
+def test_detach_cuts_the_graph_between_windows():
+    model = make(dropout=0.0)
+    h0 = [(torch.zeros(1, 2, 8, requires_grad=True), torch.zeros(1, 2, 8, requires_grad=True)) for _ in range(2)]
+    _, state = model(torch.randint(0, 30, (2, 4)), h0)
+    out, _ = model(torch.randint(0, 30, (2, 4)), detach_state(state))
+    out.sum().backward()
+    assert all(h.grad is None and c.grad is None for h, c in h0)
+    _, state = model(torch.randint(0, 30, (2, 4)), h0)  # without the detach, gradient flows back
+    out, _ = model(torch.randint(0, 30, (2, 4)), state)
+    out.sum().backward()
+    assert h0[0][0].grad is not None
