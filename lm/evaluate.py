@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,42 +39,62 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
-    """Summed NLL (nats) and number of predictions over ``data`` [streams, n]; state starts at zero."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    state = model.init_state(data.size(0))
+def evaluate_mixture(models: Sequence[LSTMLanguageModel], data: torch.Tensor, window: int) -> tuple[float, int]:
+    """Summed NLL (nats) and number of predictions of the models' averaged probabilities.
+
+    Each model carries its own state (starting at zero) over ``data`` [streams, n];
+    the mixture predicts mean_k p_k(word), the paper's model averaging. With one
+    model this is plain evaluation.
+    """
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    device = next(models[0].parameters()).device
+    states = [m.init_state(data.size(0)) for m in models]
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
+    log_k = math.log(len(models))
     for x, y in bptt_windows(data, window):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, state = model(x, state)
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").double()
+        target_logp = []
+        for i, m in enumerate(models):
+            logits, states[i] = m(x, states[i])
+            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            target_logp.append(logp.double())
+        mixture = torch.logsumexp(torch.stack(target_logp), dim=0) - log_k
+        nll -= mixture.sum()
         count += y.numel()
-    model.train(was_training)
+    for m, mode in zip(models, modes):
+        m.train(mode)
     return float(nll), count
 
 
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
+    """Summed NLL (nats) and number of predictions over ``data`` [streams, n]; state starts at zero."""
+    return evaluate_mixture([model], data, window)
+
+
 def evaluate_split(
-    model: LSTMLanguageModel, ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int
+    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int
 ) -> dict[str, float]:
     """Perplexity of one split under one protocol, with the counts behind it."""
     if protocol == "batched":
-        nll, count = evaluate(model, batchify(ids, batch_size), bptt)
+        nll, count = evaluate_mixture(models, batchify(ids, batch_size), bptt)
     elif protocol == "stream":
-        nll, count = evaluate(model, batchify(ids, 1), stream_window)
+        nll, count = evaluate_mixture(models, batchify(ids, 1), stream_window)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {"ppl": perplexity(nll, count), "nll": nll, "tokens": count}
 
 
 def evaluate_all(
-    model: LSTMLanguageModel, corpus: Corpus, batch_size: int, bptt: int, stream_window: int
+    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, stream_window: int
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols."""
+    """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
+    if isinstance(models, LSTMLanguageModel):
+        models = [models]
     return {
-        split: {p: evaluate_split(model, corpus.split(split), p, batch_size, bptt, stream_window) for p in PROTOCOLS}
+        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, stream_window) for p in PROTOCOLS}
         for split in ("valid", "test")
     }
 

@@ -23,6 +23,12 @@ PAPER_TABLE_1: dict[str, tuple[str, float, float]] = {
     "zaremba_medium": ("medium regularized LSTM", 86.2, 82.7),
     "zaremba_large": ("large regularized LSTM", 82.2, 78.4),
 }
+# Table 1, model averaging: {experiment: [(number of models, valid, test), ...]}.
+PAPER_AVERAGES: dict[str, list[tuple[int, float, float]]] = {
+    "zaremba_small": [(2, 100.4, 96.1), (5, 87.9, 84.1), (10, 83.5, 80.0)],
+    "zaremba_medium": [(2, 80.6, 77.0), (5, 76.7, 73.3), (10, 75.2, 72.0)],
+    "zaremba_large": [(2, 76.9, 73.6), (10, 72.8, 69.5), (38, 71.9, 68.7)],
+}
 CURVE_NAME = "curve.png"
 
 
@@ -36,9 +42,9 @@ class Run:
         return self.metrics["name"]
 
 
-def find_runs(root: Path) -> list[Run]:
+def find_runs(root: Path, filename: str = "metrics.json") -> list[Run]:
     runs = []
-    for file in sorted(root.rglob("metrics.json")):
+    for file in sorted(root.rglob(filename)):
         with open(file) as f:
             metrics = json.load(f)
         runs.append(Run(file.parent.relative_to(root), metrics))
@@ -100,7 +106,23 @@ def comparison_table(runs: list[Run]) -> str:
     return "\n".join([header, *rows])
 
 
-def render(runs: list[Run]) -> str:
+def ensemble_table(ensembles: list[Run]) -> str:
+    header = (
+        "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | paper: valid / test of averages of N |\n"
+        "|---|---|---|---|---|---|"
+    )
+    rows = []
+    for e in ensembles:
+        m = e.metrics
+        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(e.name, []))
+        rows.append(
+            f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
+            f"{_fmt(m['results']['test']['batched']['ppl'])} | {paper} |"
+        )
+    return "\n".join([header, *rows])
+
+
+def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
     parts = [
         "# Results",
         "",
@@ -115,6 +137,8 @@ def render(runs: list[Run]) -> str:
     parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "", comparison_table(runs), "",
               "## Runs", "", runs_table(runs), "",
               "Learning curves: `curve.png` in each run folder.", ""]
+    if ensembles:
+        parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
     return "\n".join(parts)
 
 
@@ -145,7 +169,7 @@ def plot_curve(run: Run, out: Path) -> None:
 
 def write_report(root: Path, plots: bool = True) -> str:
     runs = find_runs(root)
-    text = render(runs)
+    text = render(runs, find_runs(root, "ensemble.json"))
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "README.md", text)
     if plots:

@@ -10,7 +10,7 @@ import torch
 from lm.checkpoint import CheckpointError
 from lm.cli import compose
 from lm.data import batchify
-from lm.evaluate import evaluate, perplexity, run_evaluation
+from lm.evaluate import evaluate, evaluate_mixture, perplexity, run_evaluation
 from lm.model import LSTMLanguageModel
 from lm.train import train
 
@@ -80,3 +80,35 @@ def test_corrupt_checkpoint_is_refused(tiny_run: Path, tmp_path: Path, content):
     bad.write_bytes(good[: len(good) // 2] if content is None else content)
     with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
         run_evaluation(compose("evaluate", [f"checkpoint={bad}"]))
+
+
+def test_mixture_averages_probabilities_not_log_probabilities():
+    torch.manual_seed(0)
+    a, b = LSTMLanguageModel(30, 8, 1, 0.0, 0.3), LSTMLanguageModel(30, 8, 1, 0.0, 0.3)
+    data = batchify(torch.randint(0, 30, (41,)), 2)
+    nll, count = evaluate_mixture([a, b], data, 5)
+    x, y = data[:, :-1], data[:, 1:]
+    with torch.no_grad():
+        pa = torch.softmax(a(x, a.init_state(2))[0], -1).gather(-1, y.unsqueeze(-1))
+        pb = torch.softmax(b(x, b.init_state(2))[0], -1).gather(-1, y.unsqueeze(-1))
+    assert count == y.numel()
+    assert nll == pytest.approx(float(-torch.log((pa + pb) / 2).sum()), rel=1e-5)
+    assert nll != pytest.approx(float(-(torch.log(pa) + torch.log(pb)).sum() / 2), rel=1e-5)
+    assert evaluate_mixture([a], data, 5) == evaluate(a, data, 5)
+
+
+def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
+    from lm.ensemble import run_ensemble
+    from lm.report import write_report
+    from lm.train import train
+
+    corpus = tiny_run / "corpus"
+    second = tmp_path / "results" / "seed-2"
+    train(train_config(tiny_overrides(corpus, "trainer.max_steps=30", "trainer.seed=2")), second)
+    report = run_ensemble([tiny_run / "out" / "checkpoint.pt", second / "checkpoint.pt"], tmp_path / "results" / "ensemble")
+    members = [m["results"]["test"]["stream"]["ppl"] for m in report["members"]]
+    assert report["n_models"] == 2 and report["test_ppl"] < max(members)
+    assert (tmp_path / "results" / "ensemble" / "ensemble.log").exists()
+    assert "## Model averaging" in write_report(tmp_path / "results", plots=False)
+    with pytest.raises(CheckpointError, match="at least 2"):
+        run_ensemble([second / "checkpoint.pt"], tmp_path / "x")

@@ -1,0 +1,104 @@
+"""Model averaging (the paper's Table 1, second block): ``python -m lm.ensemble CKPT... --out DIR``.
+
+The ensemble predicts the average of its members' probabilities for every
+token (not of their log-probabilities), each member carrying its own state,
+under both evaluation protocols. Writes ``DIR/ensemble.json`` and
+``DIR/ensemble.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from lm.config import validate
+from lm.evaluate import PROTOCOL_DESCRIPTIONS, build_model_from_checkpoint, evaluate_all, format_results
+
+ENSEMBLE_NAME = "ensemble.json"
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern))
+        paths.extend(Path(m) for m in (matches or [pattern]))
+    return paths
+
+
+def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 500, with_members: bool = True) -> dict[str, Any]:
+    from lm.train import git_commit, load_data
+
+    if len(checkpoints) < 2:
+        raise CheckpointError("model averaging needs at least 2 checkpoints")
+    ckpts = [load_checkpoint(p) for p in checkpoints]
+    cfgs = [validate(c["config"]) for c in ckpts]
+    first = cfgs[0]
+    for path, cfg in zip(checkpoints[1:], cfgs[1:]):
+        if (cfg.data.name, cfg.data.dir) != (first.data.name, first.data.dir):
+            raise CheckpointError(f"{path} was trained on other data ({cfg.data.name} in {cfg.data.dir}): average models of one corpus")
+    corpus = load_data(first.data)
+    models = [build_model_from_checkpoint(c, len(corpus.vocab)) for c in ckpts]
+    batch_size, bptt = first.data.batch_size, first.data.bptt
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    members = []
+    if with_members:
+        for path, model in zip(checkpoints, models):
+            results = evaluate_all(model, corpus, batch_size, bptt, stream_window)
+            say(f"member {path}\n{format_results(results)}")
+            members.append({"checkpoint": str(path), "results": results})
+    results = evaluate_all(models, corpus, batch_size, bptt, stream_window)
+    say(f"average of {len(models)} models (mean of probabilities per token)\n{format_results(results)}")
+    report = {
+        "name": first.name,
+        "n_models": len(models),
+        "checkpoints": [str(p) for p in checkpoints],
+        "seeds": [c.trainer.seed for c in cfgs],
+        "averaging": "mean of the members' predicted probabilities per token",
+        "batch_size": batch_size,
+        "bptt": bptt,
+        "protocols": PROTOCOL_DESCRIPTIONS,
+        "valid_ppl": results["valid"]["batched"]["ppl"],
+        "test_ppl": results["test"]["stream"]["ppl"],
+        "results": results,
+        "members": members,
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / ENSEMBLE_NAME, report)
+    atomic_write_text(out_dir / "ensemble.log", "\n".join(lines) + "\n")
+    print(f"wrote {out_dir / ENSEMBLE_NAME}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Average the predicted probabilities of several checkpoints.")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint paths or glob patterns (quote them)")
+    parser.add_argument("--out", required=True, help="folder for ensemble.json and ensemble.log")
+    parser.add_argument("--eval-window", type=int, default=500, help="window of the one-stream protocol")
+    parser.add_argument("--no-members", action="store_true", help="skip evaluating each member alone")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lm.cli import die, user_errors
+
+    try:
+        run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members)
+    except user_errors() as err:
+        die(err)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,186 @@
+"""Speed of training and evaluation at the paper's three sizes: ``make bench``.
+
+For each size, in one process: training tokens/s of our step (``lm.train.train_epoch``)
+and of a plain PyTorch reference step with the same math (embedding + multi-layer
+``nn.LSTM`` + linear, loss summed over time / batch, global clipping, SGD), the
+evaluation tokens/s under both protocols, and the fraction of the measured fp32
+matrix-multiply ceiling. Medians over repetitions after warm-up. Prints a table
+and writes ``results/bench.json``. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lm.checkpoint import atomic_write_json  # noqa: E402
+from lm.data import batchify, bptt_windows  # noqa: E402
+from lm.evaluate import evaluate  # noqa: E402
+from lm.model import LSTMLanguageModel  # noqa: E402
+from lm.train import train_epoch  # noqa: E402
+
+SIZES = {  # hidden, bptt, dropout, init (the paper's recipes)
+    "small": (200, 20, 0.0, 0.1),
+    "medium": (650, 35, 0.5, 0.05),
+    "large": (1500, 35, 0.65, 0.04),
+}
+VOCAB, BATCH, LAYERS = 10_000, 20, 2
+
+
+class ReferenceLM(nn.Module):
+    """The usual implementation (as in pytorch/examples), for comparison only."""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, LAYERS, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.decoder = nn.Linear(hidden, VOCAB)
+
+    def forward(self, x, hidden):
+        out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return self.decoder(self.drop(out)), hidden
+
+
+def reference_steps(model: ReferenceLM, windows, hidden_size: int) -> float:
+    """Seconds for one pass over ``windows`` with the reference loop (time-major)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    h = (torch.zeros(LAYERS, BATCH, hidden_size), torch.zeros(LAYERS, BATCH, hidden_size))
+    start = time.perf_counter()
+    for x, y in windows:
+        h = (h[0].detach(), h[1].detach())
+        out, h = model(x.t(), h)
+        loss = F.cross_entropy(out.reshape(-1, VOCAB), y.t().reshape(-1), reduction="sum") / BATCH
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def reference_eval(model: ReferenceLM, data: torch.Tensor, bptt: int, hidden_size: int) -> float:
+    model.eval()
+    h = (torch.zeros(LAYERS, data.size(0), hidden_size), torch.zeros(LAYERS, data.size(0), hidden_size))
+    start = time.perf_counter()
+    for x, y in bptt_windows(data, bptt):
+        out, h = model(x.t(), h)
+        F.cross_entropy(out.reshape(-1, VOCAB), y.t().reshape(-1), reduction="sum")
+    model.train()
+    return time.perf_counter() - start
+
+
+def median_rate(fn, tokens: int, reps: int) -> float:
+    return statistics.median(tokens / fn() for _ in range(reps))
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def train_flops_per_token(hidden: int) -> float:
+    """Multiply-adds of the dense layers, forward + backward (3x forward)."""
+    lstm = LAYERS * 4 * hidden * (2 * hidden)
+    softmax = hidden * VOCAB
+    return 3 * 2 * (lstm + softmax)
+
+
+def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
+    hidden, bptt, dropout, init = SIZES[name]
+    torch.manual_seed(0)
+    stream = torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),))
+    data = batchify(stream, BATCH)
+    windows = bptt_windows(data, bptt)[:windows_per_rep]
+    tokens = sum(y.numel() for _, y in windows)
+
+    ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init)
+    opt = torch.optim.SGD(ours.parameters(), lr=1.0, foreach=True)
+    train_epoch(ours, windows[:2], opt, 5.0)  # warm-up
+    ours_rate = median_rate(lambda: train_epoch(ours, windows, opt, 5.0).seconds, tokens, reps)
+
+    ref = ReferenceLM(hidden, dropout)
+    reference_steps(ref, windows[:2], hidden)
+    ref_rate = median_rate(lambda: reference_steps(ref, windows, hidden), tokens, reps)
+
+    eval_ids = stream[: tokens + 1]
+    stream_rate = median_rate(lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500)), tokens, reps)
+    batched_rate = median_rate(lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt)), tokens, reps)
+    ref_eval_rate = median_rate(lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden), tokens, reps)
+    return {
+        "hidden_size": hidden,
+        "bptt": bptt,
+        "train_tokens_per_s": ours_rate,
+        "reference_train_tokens_per_s": ref_rate,
+        "train_ratio": ours_rate / ref_rate,
+        "eval_stream_tokens_per_s": stream_rate,
+        "eval_batched_tokens_per_s": batched_rate,
+        "reference_eval_batched_tokens_per_s": ref_eval_rate,
+        "train_flop_per_token": train_flops_per_token(hidden),
+    }
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small and medium only, few windows (under a minute)")
+    parser.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="results/bench.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or (["small", "medium"] if args.quick else list(SIZES))
+    windows, reps = (4, 3) if args.quick else (20, 5)
+    fp32 = matmul_gflops(torch.float32)
+    bf16 = matmul_gflops(torch.bfloat16)
+    results = {}
+    for name in sizes:
+        r = bench_size(name, windows if name != "large" else max(2, windows // 4), reps)
+        r["fraction_of_fp32_matmul_ceiling"] = r["train_tokens_per_s"] * r["train_flop_per_token"] / (fp32 * 1e9)
+        results[name] = r
+    print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {torch.get_num_threads()} threads")
+    print(f"{'size':<7} {'train tok/s':>11} {'reference':>10} {'ratio':>6} {'eval stream':>11} {'eval batched':>12} {'ref eval':>9} {'fp32 ceil':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:<7} {r['train_tokens_per_s']:>11,.0f} {r['reference_train_tokens_per_s']:>10,.0f} {r['train_ratio']:>6.2f} "
+            f"{r['eval_stream_tokens_per_s']:>11,.0f} {r['eval_batched_tokens_per_s']:>12,.0f} "
+            f"{r['reference_eval_batched_tokens_per_s']:>9,.0f} {r['fraction_of_fp32_matmul_ceiling']:>9.0%}"
+        )
+    report = {
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "matmul_gflops": {"fp32": fp32, "bf16": bf16},
+        "sizes": results,
+    }
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
