@@ -35,8 +35,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(file)`` so that readers see old or new, never half."""
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", before_commit: Callable[[], None] | None = None
+) -> None:
+    """Write ``path`` through ``write(file)`` so that readers see old or new, never half.
+
+    ``before_commit`` runs after the data is on disk and before the rename (a test hook).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -45,6 +50,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -73,9 +80,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], before_commit: Callable[[], None] | None = None) -> None:
     payload = {"format_version": FORMAT_VERSION, **payload}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f), before_commit=before_commit)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
+EXIT_NUMERICAL_FAULT = 3
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -27,23 +28,38 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lm.checkpoint import CheckpointError
     from lm.config import ConfigError
     from lm.data import DataError
+    from lm.faults import NonFiniteError, TrainingInterrupted
 
-    return (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException)
+    return (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, NonFiniteError, TrainingInterrupted)
 
 
 def one_line(err: BaseException) -> str:
     """The error and its cause squeezed onto one line."""
     parts = [str(err)]
-    cause = err.__cause__ or err.__context__
+    if getattr(err, "override", None):  # Hydra's OverrideParseException: name the override
+        parts.insert(0, f"cannot parse override {err.override!r}:")
+    cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     if cause is not None and str(cause) and str(cause) not in parts[0]:
         parts.append(str(cause).splitlines()[0])
     text = " ".join(" ".join(parts).split())
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def die(err: BaseException) -> None:
+def die(err: BaseException, code: int = EXIT_USER_ERROR) -> None:
     print(f"error: {one_line(err)}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(code)
+
+
+def exit_for(err: BaseException) -> None:
+    """End the command for a run-time stop: a signal (128 + signum) or a numerical fault (3)."""
+    from lm.faults import NonFiniteError, TrainingInterrupted
+
+    if isinstance(err, TrainingInterrupted):
+        print(str(err), file=sys.stderr)
+        raise SystemExit(err.exit_code)
+    if isinstance(err, NonFiniteError):
+        die(err, EXIT_NUMERICAL_FAULT)
+    die(err)
 
 
 def exit_on_user_error(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -54,7 +70,7 @@ def exit_on_user_error(task: Callable[[DictConfig], None]) -> Callable[[DictConf
         try:
             task(cfg)
         except user_errors() as err:
-            die(err)
+            exit_for(err)
 
     return wrapper
 
@@ -81,4 +97,4 @@ def run_app(hydra_main: Callable[[], None], config_name: str, preflight: Callabl
     try:
         hydra_main()
     except errors as err:
-        die(err)
+        exit_for(err)

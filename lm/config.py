@@ -60,6 +60,7 @@ class TrainerConfig:
     eval_window: int = MISSING
     progress: bool = MISSING
     overwrite: bool = MISSING
+    nonfinite: str = MISSING
 
 
 @dataclass
@@ -138,6 +139,7 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _positive_int(t.log_every, "trainer.log_every")
     _positive_int(t.eval_window, "trainer.eval_window")
     _require(t.device in ("cpu", "cuda", "auto"), "trainer.device", "cpu, cuda or auto", t.device)
+    _require(t.nonfinite in ("stop", "skip"), "trainer.nonfinite", "stop or skip", t.nonfinite)
     return c
 
 

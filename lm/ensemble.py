@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lm.cli import die, user_errors
+    from lm.cli import exit_for, user_errors
 
     try:
         run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members)
     except user_errors() as err:
-        die(err)
+        exit_for(err)
 
 
 if __name__ == "__main__":

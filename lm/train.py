@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,10 @@ from lm.checkpoint import (
     set_rng_state,
 )
 from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate
-from lm.data import Corpus, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.data import Corpus, DataError, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
-from lm.model import LSTMLanguageModel, count_parameters, detach_state
+from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
 
 log = logging.getLogger("lm.train")
 
@@ -84,16 +86,32 @@ def git_commit() -> str | None:
 
 
 @dataclass
-class EpochStats:
-    nll: float
-    tokens: int
-    steps: int
-    grad_norm: float
-    seconds: float
+class EpochProgress:
+    """Where an epoch stands; saved in a checkpoint when training stops mid-epoch."""
+
+    window: int = 0  # index of the next window to train on
+    nll: float = 0.0  # summed training NLL so far (nats)
+    tokens: int = 0
+    steps: int = 0
+    skipped: int = 0  # non-finite steps skipped (trainer.nonfinite=skip)
+    norm_sum: float = 0.0
+    seconds: float = 0.0
+    state: State | None = None  # hidden state carried into the next window
 
     @property
     def ppl(self) -> float:
         return perplexity(self.nll, self.tokens)
+
+    @property
+    def grad_norm(self) -> float:
+        return self.norm_sum / max(self.steps - self.skipped, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
+        return cls(**d)
 
 
 def train_epoch(
@@ -101,41 +119,81 @@ def train_epoch(
     windows: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float,
+    progress: EpochProgress | None = None,
+    *,
     max_steps: int | None = None,
-    progress: Any = None,
-    on_log: Any = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    skip_nonfinite: bool = False,
+    epoch: int = 1,
+    step_offset: int = 0,
+    bar: Any = None,
+    on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 100,
-) -> EpochStats:
-    """One pass over ``windows``; returns summed stats. No host sync per step."""
+) -> EpochProgress:
+    """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
+
+    Stops at the end of the windows, after ``max_steps`` steps of this call, or
+    at the first step boundary after ``should_stop()`` turns true. The host
+    syncs only every ``log_every`` steps (and per step with ``skip_nonfinite``).
+    """
+    progress = progress or EpochProgress()
     model.train()
     device = next(model.parameters()).device
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     batch_size = windows[0][0].size(0)
-    state = model.init_state(batch_size)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    norm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = steps = 0
+    state = progress.state if progress.state is not None else model.init_state(batch_size)
+    nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
+    norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
+    first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
+    steps_here = 0
     start = time.perf_counter()
-    for x, y in windows:
-        if max_steps is not None and steps >= max_steps:
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteError(f"non-finite loss or gradient norm at epoch {epoch}, step {bad}")
+
+    index = progress.window
+    while index < len(windows):
+        if should_stop() or (max_steps is not None and steps_here >= max_steps):
             break
+        x, y = windows[index]
+        index += 1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         state = detach_state(state)
         logits, state = model(x, state)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
         (loss_sum / batch_size).backward()  # summed over time, averaged over the batch
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        step = step_offset + steps_here + 1
+        if skip_nonfinite and not bool(finite):
+            optimizer.zero_grad(set_to_none=True)
+            progress.skipped += 1
+            progress.steps += 1
+            steps_here += 1
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         nll += loss_sum.detach().double()
-        norm_sum += grad_norm.double()
-        tokens += y.numel()
-        steps += 1
-        if progress is not None:
-            progress.update(y.numel())
-        if on_log is not None and steps % log_every == 0:
-            on_log(steps, float(nll) / tokens, float(grad_norm))
-    return EpochStats(float(nll), tokens, steps, float(norm_sum) / max(steps, 1), time.perf_counter() - start)
+        norm_sum += grad_norm.detach().double()
+        progress.tokens += y.numel()
+        progress.steps += 1
+        steps_here += 1
+        fault_point("step", step)
+        if bar is not None:
+            bar.update(y.numel())
+        if steps_here % log_every == 0:
+            check_finite()
+            if on_log is not None:
+                on_log(step, float(nll) / max(progress.tokens, 1), float(grad_norm))
+    check_finite()
+    progress.window = index
+    progress.nll, progress.norm_sum = float(nll), float(norm_sum)
+    progress.seconds += time.perf_counter() - start
+    progress.state = detach_state(state)
+    return progress
 
 
 # ---------------------------------------------------------------- the run
@@ -162,13 +220,20 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics."""
+    """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics.
+
+    Raises ``TrainingInterrupted`` after checkpointing when a stop signal arrives,
+    and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     wall_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
+        stale.unlink()
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
@@ -178,6 +243,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     train_data = batchify(corpus.train, cfg.data.batch_size)
     valid_data = batchify(corpus.valid, cfg.data.batch_size)
     batchify(corpus.test, 1)  # fail early if the test split cannot be evaluated
+    if cfg.data.bptt >= train_data.size(1):
+        raise DataError(
+            f"data.bptt {cfg.data.bptt} is not shorter than each of the {cfg.data.batch_size} training streams "
+            f"({train_data.size(1)} tokens): lower data.bptt or data.batch_size"
+        )
     windows = bptt_windows(train_data, cfg.data.bptt)
 
     torch.manual_seed(cfg.trainer.seed)
@@ -186,6 +256,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     history: list[dict[str, Any]] = []
     start_epoch = global_step = 0
     best_valid = math.inf
+    partial: EpochProgress | None = None
 
     resume_path = resolve_resume(cfg.trainer.resume, out_dir)
     if resume_path is not None:
@@ -196,7 +267,24 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         set_rng_state(ckpt["rng"])
         history, start_epoch, global_step = ckpt["history"], ckpt["epoch"], ckpt["step"]
         best_valid = ckpt["best_valid_ppl"]
-        log.info("resumed from %s after epoch %d (step %d)", resume_path, start_epoch, global_step)
+        if ckpt.get("partial_epoch"):
+            partial = EpochProgress.from_dict(ckpt["partial_epoch"])
+        where = f"epoch {start_epoch + 1}, window {partial.window}" if partial else f"the end of epoch {start_epoch}"
+        log.info("resumed from %s at %s (step %d)", resume_path, where, global_step)
+
+    def save(epoch_done: int, partial_epoch: EpochProgress | None) -> None:
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+            "config": config_dict,
+            "vocab": corpus.vocab.itos,
+            "epoch": epoch_done,
+            "step": global_step,
+            "history": history,
+            "best_valid_ppl": best_valid,
+            "partial_epoch": partial_epoch.to_dict() if partial_epoch else None,
+        }, before_commit=lambda: fault_point("checkpoint", epoch_done))
 
     log.info(
         "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads",
@@ -204,57 +292,70 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     )
     writer = SummaryWriter(log_dir=str(out_dir / "tb"))
     max_steps = cfg.trainer.max_steps
+
+    def on_log(step: int, mean_nll: float, grad_norm: float) -> None:
+        writer.add_scalar("train/step_ppl", math.exp(min(mean_nll, 50.0)), step)
+        writer.add_scalar("train/grad_norm", grad_norm, step)
+
     try:
-        for epoch in range(start_epoch, cfg.trainer.epochs):
-            if max_steps is not None and global_step >= max_steps:
-                break
-            lr = learning_rate(epoch, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            remaining = None if max_steps is None else max_steps - global_step
-
-            def on_log(step: int, mean_nll: float, grad_norm: float, epoch: int = epoch) -> None:
-                s = global_step + step
-                writer.add_scalar("train/step_ppl", math.exp(mean_nll), s)
-                writer.add_scalar("train/grad_norm", grad_norm, s)
-
-            total = min(len(windows), remaining or len(windows)) * cfg.data.batch_size * cfg.data.bptt
-            with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", unit="w", unit_scale=True,
-                      disable=not cfg.trainer.progress, leave=False, dynamic_ncols=True) as bar:
-                stats = train_epoch(model, windows, optimizer, cfg.optim.max_grad_norm, remaining, bar, on_log, cfg.trainer.log_every)
-            global_step += stats.steps
-            eval_start = time.perf_counter()
-            valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))
-            best_valid = min(best_valid, valid_ppl)
-            record = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_ppl": stats.ppl,
-                "valid_ppl": valid_ppl,
-                "words_per_s": stats.tokens / stats.seconds,
-                "seconds": stats.seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "steps": stats.steps,
-                "grad_norm": stats.grad_norm,
-            }
-            history.append(record)
-            for key in ("train_ppl", "valid_ppl", "lr", "grad_norm", "words_per_s"):
-                writer.add_scalar(f"epoch/{key}", record[key], epoch + 1)
-            writer.flush()
-            log.info(
-                "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
-                epoch + 1, lr, stats.ppl, valid_ppl, record["words_per_s"], stats.seconds,
-            )
-            save_checkpoint(out_dir / CHECKPOINT_NAME, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_state(),
-                "config": config_dict,
-                "epoch": epoch + 1,
-                "step": global_step,
-                "history": history,
-                "best_valid_ppl": best_valid,
-            })
+        with StopRequest() as stop:
+            for epoch in range(start_epoch, cfg.trainer.epochs):
+                if max_steps is not None and global_step >= max_steps:
+                    break
+                lr = learning_rate(epoch, cfg.optim)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                progress, partial = partial or EpochProgress(), None
+                remaining = None if max_steps is None else max_steps - global_step
+                todo = len(windows) - progress.window
+                total = min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt
+                steps_before = progress.steps
+                try:
+                    with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", unit="w", unit_scale=True,
+                              disable=not cfg.trainer.progress, leave=False, dynamic_ncols=True) as bar:
+                        progress = train_epoch(
+                            model, windows, optimizer, cfg.optim.max_grad_norm, progress,
+                            max_steps=remaining, should_stop=lambda: bool(stop), skip_nonfinite=cfg.trainer.nonfinite == "skip",
+                            epoch=epoch + 1, step_offset=global_step, bar=bar, on_log=on_log, log_every=cfg.trainer.log_every,
+                        )
+                except NonFiniteError as err:
+                    kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint was written yet"
+                    raise NonFiniteError(f"{err}; stopped, {kept} (try a lower optim.lr or optim.max_grad_norm)") from None
+                global_step += progress.steps - steps_before
+                if progress.window < len(windows) and stop:
+                    save(epoch, progress)
+                    raise TrainingInterrupted(stop.signum, (
+                        f"stopped by {stop.name} in epoch {epoch + 1} at step {global_step}; checkpoint {checkpoint_path}. "
+                        f"Resume with the same command plus trainer.resume=auto"))
+                fault_point("eval", epoch + 1)
+                eval_start = time.perf_counter()
+                valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))
+                best_valid = min(best_valid, valid_ppl)
+                record = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_ppl": progress.ppl,
+                    "valid_ppl": valid_ppl,
+                    "words_per_s": progress.tokens / progress.seconds,
+                    "seconds": progress.seconds,
+                    "eval_seconds": time.perf_counter() - eval_start,
+                    "steps": progress.steps,
+                    "skipped_steps": progress.skipped,
+                    "grad_norm": progress.grad_norm,
+                }
+                history.append(record)
+                for key in ("train_ppl", "valid_ppl", "lr", "grad_norm", "words_per_s"):
+                    writer.add_scalar(f"epoch/{key}", record[key], epoch + 1)
+                writer.flush()
+                log.info(
+                    "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
+                    epoch + 1, lr, progress.ppl, valid_ppl, record["words_per_s"], progress.seconds,
+                )
+                save(epoch + 1, None)
+                if stop and epoch + 1 < cfg.trainer.epochs:
+                    raise TrainingInterrupted(stop.signum, (
+                        f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint {checkpoint_path}. "
+                        f"Resume with the same command plus trainer.resume=auto"))
     finally:
         writer.close()
 
@@ -272,6 +373,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "best_valid_ppl": best_valid,
         "epochs": history,
         "steps": global_step,
+        "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
         "wall_seconds": time.perf_counter() - wall_start,
         "parameters": count_parameters(model),
@@ -292,11 +394,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
 # ---------------------------------------------------------------- entry point
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse an output folder that cannot be created or written, before anything runs."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"{key}: cannot write {folder} ({existing} {problem}): choose another folder")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Checks that must pass before anything is written: config values, an existing finished run."""
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
     run_dir = Path(cfg.hydra.run.dir)
+    check_writable(run_dir, "hydra.run.dir")
     if (run_dir / METRICS_NAME).exists() and c.trainer.resume is None and not c.trainer.overwrite:
         raise ConfigError(
             f"{run_dir} already holds a finished run: pass trainer.resume=auto to continue it, trainer.overwrite=true to replace it, "
