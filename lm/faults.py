@@ -58,6 +58,16 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
+    def forward(self) -> None:
+        """Pass the signal on to the handler installed before ours, if it was a Python one.
+
+        Under submitit (SLURM) that handler requeues the job; call this after the
+        checkpoint is written. Python's own Ctrl-C handler is not called.
+        """
+        previous = self._previous.get(self.signum) if self.signum else None
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
+
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

@@ -9,10 +9,13 @@ epoch and evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import platform
+import signal
+import sys
 import subprocess
 import time
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from lm.checkpoint import (
 )
 from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate
 from lm.data import Corpus, DataError, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
@@ -129,12 +133,14 @@ def train_epoch(
     bar: Any = None,
     on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 100,
+    reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> EpochProgress:
     """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
 
     Stops at the end of the windows, after ``max_steps`` steps of this call, or
     at the first step boundary after ``should_stop()`` turns true. The host
     syncs only every ``log_every`` steps (and per step with ``skip_nonfinite``).
+    ``reduce_gradients`` (data-parallel training) runs between backward and clipping.
     """
     progress = progress or EpochProgress()
     model.train()
@@ -164,6 +170,8 @@ def train_epoch(
         logits, state = model(x, state)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
         (loss_sum / batch_size).backward()  # summed over time, averaged over the batch
+        if reduce_gradients is not None:
+            reduce_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         step = step_offset + steps_here + 1
@@ -197,6 +205,30 @@ def train_epoch(
 
 
 # ---------------------------------------------------------------- the run
+
+
+class _NullWriter:
+    """Stands in for TensorBoard's writer on ranks other than 0."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _global_progress(progress: EpochProgress, group: Group) -> EpochProgress:
+    """A mid-epoch position with every rank's streams (for the checkpoint); collective."""
+    nll, tokens = group.sum([progress.nll, progress.tokens])
+    state = [(group.gather_rows(h, 1), group.gather_rows(c, 1)) for h, c in progress.state] if progress.state else None
+    return dataclasses.replace(progress, nll=nll, tokens=int(tokens), state=state)
+
+
+def _local_progress(progress: EpochProgress, group: Group, batch_size: int, device: torch.device) -> EpochProgress:
+    """This rank's share of a saved mid-epoch position (any number of ranks can resume it)."""
+    rows = group.rows(batch_size)
+    state = [(h[:, rows].to(device), c[:, rows].to(device)) for h, c in progress.state] if progress.state else None
+    if not group.is_main:  # the sums are carried by rank 0 only, so that reducing them again is right
+        return dataclasses.replace(progress, nll=0.0, tokens=0, state=state)
+    return dataclasses.replace(progress, state=state)
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
@@ -237,6 +269,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
+    group = init_group(device.type == "cuda")
+    if group.active:
+        if cfg.data.batch_size % group.world_size:
+            raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be divisible by the {group.world_size} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", group.local_rank)
+        if not group.is_main:
+            log.setLevel(logging.WARNING)
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     corpus = load_data(cfg.data)
@@ -248,7 +288,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
             f"data.bptt {cfg.data.bptt} is not shorter than each of the {cfg.data.batch_size} training streams "
             f"({train_data.size(1)} tokens): lower data.bptt or data.batch_size"
         )
-    windows = bptt_windows(train_data, cfg.data.bptt)
+    windows = bptt_windows(train_data[group.rows(cfg.data.batch_size)], cfg.data.bptt)  # this rank's streams
 
     torch.manual_seed(cfg.trainer.seed)
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
@@ -268,11 +308,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         history, start_epoch, global_step = ckpt["history"], ckpt["epoch"], ckpt["step"]
         best_valid = ckpt["best_valid_ppl"]
         if ckpt.get("partial_epoch"):
-            partial = EpochProgress.from_dict(ckpt["partial_epoch"])
+            partial = _local_progress(EpochProgress.from_dict(ckpt["partial_epoch"]), group, cfg.data.batch_size, device)
         where = f"epoch {start_epoch + 1}, window {partial.window}" if partial else f"the end of epoch {start_epoch}"
         log.info("resumed from %s at %s (step %d)", resume_path, where, global_step)
 
     def save(epoch_done: int, partial_epoch: EpochProgress | None) -> None:
+        partial_epoch = _global_progress(partial_epoch, group) if partial_epoch else None  # collective
+        if not group.is_main:
+            return
         save_checkpoint(checkpoint_path, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -290,7 +333,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads",
         cfg.name, f"{count_parameters(model):,}", len(windows), cfg.data.batch_size, cfg.data.bptt, device, torch.get_num_threads(),
     )
-    writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+    writer = SummaryWriter(log_dir=str(out_dir / "tb")) if group.is_main else _NullWriter()
     max_steps = cfg.trainer.max_steps
 
     def on_log(step: int, mean_nll: float, grad_norm: float) -> None:
@@ -303,8 +346,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                 if max_steps is not None and global_step >= max_steps:
                     break
                 lr = learning_rate(epoch, cfg.optim)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
                 progress, partial = partial or EpochProgress(), None
                 remaining = None if max_steps is None else max_steps - global_step
                 todo = len(windows) - progress.window
@@ -312,31 +355,35 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                 steps_before = progress.steps
                 try:
                     with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", unit="w", unit_scale=True,
-                              disable=not cfg.trainer.progress, leave=False, dynamic_ncols=True) as bar:
+                              disable=not (cfg.trainer.progress and group.is_main), leave=False, dynamic_ncols=True) as bar:
                         progress = train_epoch(
                             model, windows, optimizer, cfg.optim.max_grad_norm, progress,
-                            max_steps=remaining, should_stop=lambda: bool(stop), skip_nonfinite=cfg.trainer.nonfinite == "skip",
+                            max_steps=remaining, should_stop=lambda: group.any(bool(stop)), skip_nonfinite=cfg.trainer.nonfinite == "skip",
                             epoch=epoch + 1, step_offset=global_step, bar=bar, on_log=on_log, log_every=cfg.trainer.log_every,
+                            reduce_gradients=group.average_gradients if group.active else None,
                         )
                 except NonFiniteError as err:
                     kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint was written yet"
                     raise NonFiniteError(f"{err}; stopped, {kept} (try a lower optim.lr or optim.max_grad_norm)") from None
                 global_step += progress.steps - steps_before
-                if progress.window < len(windows) and stop:
+                stopped = group.any(bool(stop))
+                if progress.window < len(windows) and stopped:
                     save(epoch, progress)
-                    raise TrainingInterrupted(stop.signum, (
-                        f"stopped by {stop.name} in epoch {epoch + 1} at step {global_step}; checkpoint {checkpoint_path}. "
+                    stop.forward()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
+                        f"stopped by {stop.name or 'another rank'} in epoch {epoch + 1} at step {global_step}; checkpoint {checkpoint_path}. "
                         f"Resume with the same command plus trainer.resume=auto"))
                 fault_point("eval", epoch + 1)
                 eval_start = time.perf_counter()
-                valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))
+                valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))  # every rank: the same number
                 best_valid = min(best_valid, valid_ppl)
+                train_nll, train_tokens = group.sum([progress.nll, progress.tokens])
                 record = {
                     "epoch": epoch + 1,
                     "lr": lr,
-                    "train_ppl": progress.ppl,
+                    "train_ppl": perplexity(train_nll, int(train_tokens)),
                     "valid_ppl": valid_ppl,
-                    "words_per_s": progress.tokens / progress.seconds,
+                    "words_per_s": train_tokens / progress.seconds,
                     "seconds": progress.seconds,
                     "eval_seconds": time.perf_counter() - eval_start,
                     "steps": progress.steps,
@@ -349,18 +396,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                 writer.flush()
                 log.info(
                     "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
-                    epoch + 1, lr, progress.ppl, valid_ppl, record["words_per_s"], progress.seconds,
+                    epoch + 1, lr, record["train_ppl"], valid_ppl, record["words_per_s"], progress.seconds,
                 )
                 save(epoch + 1, None)
-                if stop and epoch + 1 < cfg.trainer.epochs:
-                    raise TrainingInterrupted(stop.signum, (
-                        f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint {checkpoint_path}. "
+                if stopped and epoch + 1 < cfg.trainer.epochs:
+                    stop.forward()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
+                        f"stopped by {stop.name or 'another rank'} after epoch {epoch + 1}; checkpoint {checkpoint_path}. "
                         f"Resume with the same command plus trainer.resume=auto"))
     finally:
         writer.close()
+        if sys.exc_info()[0] is not None:
+            group.close()
 
     log.info("final evaluation (valid and test, both protocols)")
     results = evaluate_all(model, corpus, cfg.data.batch_size, cfg.data.bptt, cfg.trainer.eval_window)
+    group.close()
     metrics = {
         "name": cfg.name,
         "valid_ppl": results["valid"]["batched"]["ppl"],
@@ -384,9 +435,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "git_commit": git_commit(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "processes": group.world_size,
         "platform": platform.platform(),
     }
-    atomic_write_json(out_dir / METRICS_NAME, metrics)
+    if group.is_main:
+        atomic_write_json(out_dir / METRICS_NAME, metrics)
     log.info("valid ppl %.2f (batched)  test ppl %.2f (paper protocol)  -> %s", metrics["valid_ppl"], metrics["test_ppl"], out_dir / METRICS_NAME)
     return metrics
 
