@@ -74,8 +74,9 @@ def runs_table(runs: list[Run]) -> str:
     for r in runs:
         m = r.metrics
         overrides = " ".join(o for o in m.get("overrides", []) if not o.startswith(("trainer.progress", "trainer.resume"))) or ""
+        epochs = str(len(m["epochs"])) if m.get("completed", True) else f"partial ({m['steps']} steps)"
         rows.append(
-            f"| `{r.path.as_posix()}` | {m['seed']} | {len(m['epochs'])} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
+            f"| `{r.path.as_posix()}` | {m['seed']} | {epochs} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
             f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {m['device']} | {overrides} |"
         )
     return "\n".join([header, *rows])
@@ -85,7 +86,8 @@ def comparison_table(runs: list[Run]) -> str:
     """One row per experiment name: mean ± std over runs, the paper's numbers, the gap."""
     by_name: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        by_name[r.name].append(r)
+        if r.metrics.get("completed", True):  # smoke runs (trainer.max_steps) are listed below, not compared
+            by_name[r.name].append(r)
     header = (
         "| experiment | runs | valid (ours) | test (ours, paper protocol) | paper row | paper valid | paper test | gap test |\n"
         "|---|---|---|---|---|---|---|---|"
@@ -134,7 +136,9 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
     if not runs:
         parts += ["No runs yet: `make train-small` makes one.", ""]
         return "\n".join(parts)
-    parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "", comparison_table(runs), "",
+    parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "",
+              "Mean ± standard deviation over the completed runs of each experiment (runs cut short by",
+              "`trainer.max_steps` are listed under Runs only).", "", comparison_table(runs), "",
               "## Runs", "", runs_table(runs), "",
               "Learning curves: `curve.png` in each run folder.", ""]
     if ensembles:

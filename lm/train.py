@@ -424,6 +424,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "best_valid_ppl": best_valid,
         "epochs": history,
         "steps": global_step,
+        "completed": len(history) == cfg.trainer.epochs and history[-1]["steps"] == len(windows) if history else False,
         "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
         "wall_seconds": time.perf_counter() - wall_start,
