@@ -27,6 +27,13 @@ class ModelConfig:
     num_layers: int = MISSING
     dropout: float = MISSING
     init_scale: float = MISSING
+    dropout_variant: str = MISSING
+    dropout_embedding: float = MISSING
+    dropout_input: float = MISSING
+    dropout_recurrent: float = MISSING
+    dropout_output: float = MISSING
+    weight_drop: float = MISSING
+    tie_weights: bool = MISSING
 
 
 @dataclass
@@ -73,6 +80,12 @@ class TrainConfig:
 
 
 @dataclass
+class MonteCarloConfig:
+    mc_samples: Optional[int] = MISSING
+    mc_seed: int = MISSING
+
+
+@dataclass
 class EvalConfig:
     checkpoint: str = MISSING
     data_dir: Optional[str] = MISSING
@@ -82,9 +95,11 @@ class EvalConfig:
     threads: int = MISSING
     device: str = MISSING
     output: Optional[str] = MISSING
+    eval: MonteCarloConfig = field(default_factory=MonteCarloConfig)
 
 
 DECAY_CONVENTIONS = ("tf", "lua")
+DROPOUT_VARIANTS = ("zaremba", "variational", "recurrent", "none")  # lm.dropout.VARIANTS
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -114,7 +129,10 @@ def _positive_int(value: int, key: str) -> None:
 def validate_model(m: ModelConfig) -> None:
     _positive_int(m.hidden_size, "model.hidden_size")
     _positive_int(m.num_layers, "model.num_layers")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+    for key in ("dropout", "dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output", "weight_drop"):
+        value = getattr(m, key)
+        _require(0.0 <= value < 1.0, f"model.{key}", "in [0, 1)", value)
+    _require(m.dropout_variant in DROPOUT_VARIANTS, "model.dropout_variant", f"one of {DROPOUT_VARIANTS}", m.dropout_variant)
     _require(0.0 < m.init_scale <= 1.0, "model.init_scale", "in (0, 1]", m.init_scale)
 
 
@@ -150,5 +168,7 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
         value = getattr(c, key)
         _require(value is None or value >= 1, key, "null or a positive integer", value)
     _positive_int(c.eval_window, "eval_window")
+    mc = c.eval.mc_samples
+    _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
     return c

@@ -39,16 +39,19 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_mixture(models: Sequence[LSTMLanguageModel], data: torch.Tensor, window: int) -> tuple[float, int]:
+def evaluate_mixture(
+    models: Sequence[LSTMLanguageModel], data: torch.Tensor, window: int, stochastic: bool = False
+) -> tuple[float, int]:
     """Summed NLL (nats) and number of predictions of the models' averaged probabilities.
 
-    Each model carries its own state (starting at zero) over ``data`` [streams, n];
-    the mixture predicts mean_k p_k(word), the paper's model averaging. With one
-    model this is plain evaluation.
+    Each member carries its own state (starting at zero) over ``data`` [streams, n];
+    the mixture predicts mean_k p_k(word): the paper's model averaging, or, with
+    ``stochastic`` (dropout left on) and one model listed K times, Monte Carlo
+    dropout. With one deterministic member this is plain evaluation.
     """
     modes = [m.training for m in models]
     for m in models:
-        m.eval()
+        m.train(stochastic)
     device = next(models[0].parameters()).device
     states = [m.init_state(data.size(0)) for m in models]
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -56,17 +59,25 @@ def evaluate_mixture(models: Sequence[LSTMLanguageModel], data: torch.Tensor, wi
     log_k = math.log(len(models))
     for x, y in bptt_windows(data, window):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        target_logp = []
-        for i, m in enumerate(models):
-            logits, states[i] = m(x, states[i])
-            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            target_logp.append(logp.double())
-        mixture = torch.logsumexp(torch.stack(target_logp), dim=0) - log_k
-        nll -= mixture.sum()
+        if len(models) == 1:  # plain evaluation: the loss the trainer reports
+            logits, states[0] = models[0](x, states[0])
+            nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").double()
+        else:
+            target_logp = []
+            for i, m in enumerate(models):
+                logits, states[i] = m(x, states[i])
+                logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                target_logp.append(logp.double())
+            nll -= (torch.logsumexp(torch.stack(target_logp), dim=0) - log_k).sum()
         count += y.numel()
     for m, mode in zip(models, modes):
         m.train(mode)
     return float(nll), count
+
+
+def evaluate_mc(model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int, stochastic: bool = True) -> tuple[float, int]:
+    """Monte Carlo dropout: probabilities averaged over ``samples`` passes with dropout on."""
+    return evaluate_mixture([model] * samples, data, window, stochastic=stochastic)
 
 
 def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
@@ -75,26 +86,28 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple
 
 
 def evaluate_split(
-    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int
+    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int,
+    stochastic: bool = False,
 ) -> dict[str, float]:
     """Perplexity of one split under one protocol, with the counts behind it."""
     if protocol == "batched":
-        nll, count = evaluate_mixture(models, batchify(ids, batch_size), bptt)
+        nll, count = evaluate_mixture(models, batchify(ids, batch_size), bptt, stochastic)
     elif protocol == "stream":
-        nll, count = evaluate_mixture(models, batchify(ids, 1), stream_window)
+        nll, count = evaluate_mixture(models, batchify(ids, 1), stream_window, stochastic)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {"ppl": perplexity(nll, count), "nll": nll, "tokens": count}
 
 
 def evaluate_all(
-    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, stream_window: int
+    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, stream_window: int,
+    stochastic: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
     if isinstance(models, LSTMLanguageModel):
         models = [models]
     return {
-        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, stream_window) for p in PROTOCOLS}
+        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, stream_window, stochastic) for p in PROTOCOLS}
         for split in ("valid", "test")
     }
 
@@ -128,6 +141,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     bptt = ecfg.bptt or train_cfg.data.bptt
     results = evaluate_all(model, corpus, batch_size, bptt, ecfg.eval_window)
     print(format_results(results))
+    mc_results = None
+    if ecfg.eval.mc_samples:
+        torch.manual_seed(ecfg.eval.mc_seed)
+        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, ecfg.eval_window, stochastic=True)
+        print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ecfg.checkpoint),
         "epoch": ckpt["epoch"],
@@ -135,6 +153,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "bptt": bptt,
         "protocols": PROTOCOL_DESCRIPTIONS,
         "results": results,
+        "mc_dropout": None if mc_results is None else {"samples": ecfg.eval.mc_samples, "seed": ecfg.eval.mc_seed, "results": mc_results},
     }
     output = Path(ecfg.output) if ecfg.output else Path(ecfg.checkpoint).with_name("eval.json")
     atomic_write_json(output, report)

@@ -1,42 +1,84 @@
-"""The LSTM language model of Zaremba et al. (2014).
+"""The LSTM language model of Zaremba et al. (2014), with the dropout strategies
+it is compared against as options of the same model (no copies).
 
 embedding -> drop -> LSTM_1 -> drop -> ... -> LSTM_L -> drop -> linear softmax
 
-Dropout sits in exactly L+1 places, all on the non-recurrent (vertical)
-connections, with a fresh mask for every element at every time step. The
-recurrence inside each layer (h_{t-1} -> h_t and the cell c) is never masked:
-each layer is a fused single-layer ``nn.LSTM`` (cuDNN on GPU, the native
-kernel on CPU), so nothing can reach inside it.
+With the default ``zaremba`` variant, dropout sits in exactly L+1 places, all
+on the non-recurrent (vertical) connections, with a fresh mask for every
+element at every time step. The recurrence inside each layer (h_{t-1} -> h_t
+and the cell c) is never masked: each layer is a fused single-layer
+``nn.LSTM`` (cuDNN on GPU, the native kernel on CPU), so nothing can reach
+inside it. Variants that mask h_{t-1} (``variational`` with a recurrent rate,
+``recurrent``) run the layer's time loop from ``lm.dropout`` instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
+from lm.dropout import VARIANTS, WeightDrop, locked_mask, lstm_recurrence_scripted, word_mask
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class LSTMLanguageModel(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, dropout: float, init_scale: float):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float,
+        init_scale: float,
+        *,
+        variant: str = "zaremba",
+        dropout_embedding: float = 0.0,
+        dropout_input: float = 0.0,
+        dropout_recurrent: float = 0.0,
+        dropout_output: float = 0.0,
+        weight_drop: float = 0.0,
+        tie_weights: bool = False,
+    ):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown dropout variant {variant!r}; one of {VARIANTS}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.init_scale = init_scale
+        self.variant = variant
+        self.dropout_embedding = dropout_embedding
+        self.dropout_input = dropout_input
+        self.dropout_recurrent = dropout_recurrent
+        self.dropout_output = dropout_output
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(nn.LSTM(hidden_size, hidden_size, batch_first=True) for _ in range(num_layers))
         # One module per place so tests and hooks can see every mask: drops[0]
-        # is on the embedding output, drops[l] on the output of layer l.
-        self.drops = nn.ModuleList(nn.Dropout(dropout) for _ in range(num_layers + 1))
+        # is on the embedding output, drops[l] on the output of layer l
+        # (zaremba and recurrent variants; rate 0 otherwise).
+        fresh_rate = dropout if variant in ("zaremba", "recurrent") else 0.0
+        self.drops = nn.ModuleList(nn.Dropout(fresh_rate) for _ in range(num_layers + 1))
         self.decoder = nn.Linear(hidden_size, vocab_size)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self.weight_drop = weight_drop
+        if weight_drop > 0:
+            for layer in self.layers:
+                parametrize.register_parametrization(layer, "weight_hh_l0", WeightDrop(weight_drop))
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int) -> "LSTMLanguageModel":
-        return cls(vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.init_scale)
+        return cls(
+            vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.init_scale,
+            variant=cfg.dropout_variant, dropout_embedding=cfg.dropout_embedding, dropout_input=cfg.dropout_input,
+            dropout_recurrent=cfg.dropout_recurrent, dropout_output=cfg.dropout_output,
+            weight_drop=cfg.weight_drop, tie_weights=cfg.tie_weights,
+        )
 
     def reset_parameters(self) -> None:
         """Every parameter, biases included, ~ U(-init_scale, init_scale), as in the paper."""
@@ -44,18 +86,53 @@ class LSTMLanguageModel(nn.Module):
             nn.init.uniform_(p, -self.init_scale, self.init_scale)
 
     def init_state(self, batch_size: int) -> State:
-        p = self.decoder.weight
+        p = self.decoder.bias
         zeros = lambda: torch.zeros(1, batch_size, self.hidden_size, device=p.device, dtype=p.dtype)  # noqa: E731
         return [(zeros(), zeros()) for _ in range(self.num_layers)]
 
+    @property
+    def masks_recurrence(self) -> bool:
+        """Whether h_{t-1} is masked, which needs the explicit time loop."""
+        return self.variant in ("variational", "recurrent") and self.dropout_recurrent > 0
+
+    def _locked(self, h: torch.Tensor, p: float) -> torch.Tensor:
+        if not self.training or p == 0:
+            return h
+        return h * locked_mask(h.size(0), h.size(2), p, h)
+
+    def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        if not (self.masks_recurrence and self.training):
+            return layer(h, state)  # fused kernel; no mask can reach the recurrence
+        w_hh = layer.weight_hh_l0  # one access: one DropConnect mask per window
+        x_proj = nn.functional.linear(h, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
+        h0, c0 = state[0][0], state[1][0]
+        if self.variant == "variational":  # one mask per row, the same at every step
+            h_mask, fresh = locked_mask(h0.size(0), h0.size(1), self.dropout_recurrent, h0)[:, 0], 0.0
+        else:
+            h_mask, fresh = None, self.dropout_recurrent
+        out, h_t, c_t = lstm_recurrence_scripted(x_proj, h0, c0, w_hh, h_mask, fresh, True)
+        return out, (h_t.unsqueeze(0), c_t.unsqueeze(0))
+
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> logits [batch, time, vocab] and the final state."""
-        h = self.drops[0](self.embedding(x))
+        h = self.embedding(x)
+        variational = self.variant == "variational"
+        if variational:
+            if self.training and self.dropout_embedding > 0:
+                h = h * word_mask(x, self.vocab_size, self.dropout_embedding, h.dtype)
+            h = self._locked(h, self.dropout_input)
+        else:
+            h = self.drops[0](h)
         new_state = []
-        for layer, drop, layer_state in zip(self.layers, self.drops[1:], state):
-            h, layer_state = layer(h, layer_state)
-            h = drop(h)
-            new_state.append(layer_state)
+        with parametrize.cached() if self.weight_drop > 0 else contextlib.nullcontext():
+            for index, (layer, drop, layer_state) in enumerate(zip(self.layers, self.drops[1:], state)):
+                h, layer_state = self._run_layer(layer, h, layer_state)
+                if variational:
+                    last = index == self.num_layers - 1
+                    h = self._locked(h, self.dropout_output if last else self.dropout_input)
+                else:
+                    h = drop(h)
+                new_state.append(layer_state)
         return self.decoder(h), new_state
 
 

@@ -240,6 +240,12 @@ def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) ->
     saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
     if saved_vocab != vocab_size:
         raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, this corpus {vocab_size}: resume on the same corpus")
+    for key in ("tie_weights", "dropout_variant"):
+        a, b = getattr(saved.model, key), getattr(cfg.model, key)
+        if a != b:
+            raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
+    if (saved.model.weight_drop > 0) != (cfg.model.weight_drop > 0):
+        raise CheckpointError("checkpoint is from another model (weight dropping on in one, off in the other): resume with the same model.weight_drop")
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:

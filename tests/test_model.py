@@ -19,7 +19,8 @@ def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageMod
     ids=["small", "medium", "large"],
 )
 def test_parameter_counts_match_the_paper(hidden, init, expected):
-    model = LSTMLanguageModel.from_config(ModelConfig("m", hidden, 2, 0.0, init), 10_000)
+    cfg = ModelConfig("m", hidden, 2, 0.0, init, "zaremba", 0.0, 0.0, 0.0, 0.0, 0.0, False)
+    model = LSTMLanguageModel.from_config(cfg, 10_000)
     assert count_parameters(model) == expected
 
 

@@ -1,0 +1,175 @@
+"""Each dropout strategy puts its masks where it should and nowhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lm.model
+from lm.data import batchify
+from lm.dropout import lstm_recurrence
+from lm.evaluate import evaluate, evaluate_mc
+from lm.model import LSTMLanguageModel
+
+V, H = 30, 8
+
+
+def make(variant: str, **rates) -> LSTMLanguageModel:
+    torch.manual_seed(0)
+    return LSTMLanguageModel(V, H, 2, rates.pop("dropout", 0.5), 0.3, variant=variant, **rates)
+
+
+VARIANT_MODELS = {
+    "zaremba": dict(),
+    "variational": dict(dropout_embedding=0.3, dropout_input=0.4, dropout_recurrent=0.3, dropout_output=0.4),
+    "recurrent": dict(dropout_recurrent=0.3),
+    "none": dict(),
+    "zaremba+weight_drop": dict(weight_drop=0.5),
+    "variational+weight_drop": dict(dropout_input=0.4, dropout_recurrent=0.3, weight_drop=0.5),
+    "zaremba+tied": dict(tie_weights=True),
+}
+
+
+def build(name: str) -> LSTMLanguageModel:
+    return make(name.split("+")[0], **VARIANT_MODELS[name])
+
+
+@pytest.mark.parametrize("name", VARIANT_MODELS)
+def test_gradients_reach_every_parameter(name):
+    model = build(name).train()
+    logits, _ = model(torch.randint(0, V, (3, 6)), model.init_state(3))
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", VARIANT_MODELS)
+def test_eval_mode_is_deterministic_and_mask_free(name):
+    model = build(name).eval()
+    x = torch.randint(0, V, (2, 7))
+    a, _ = model(x, model.init_state(2))
+    b, _ = model(x, model.init_state(2))
+    assert torch.equal(a, b)
+    plain = LSTMLanguageModel(V, H, 2, 0.0, 0.3, tie_weights="tied" in name)
+    plain.load_state_dict({k.replace("parametrizations.weight_hh_l0.original", "weight_hh_l0"): v
+                           for k, v in model.state_dict().items()})
+    assert torch.allclose(plain.eval()(x, plain.init_state(2))[0], a, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", VARIANT_MODELS)
+def test_mc_dropout_with_one_deterministic_pass_equals_plain_evaluation(name):
+    model = build(name)
+    data = batchify(torch.randint(0, V, (200,)), 4)
+    assert evaluate_mc(model, data, 5, samples=1, stochastic=False) == evaluate(model, data, 5)
+    nll_mc, _ = evaluate_mc(model, data, 5, samples=3)
+    if name != "none":
+        assert nll_mc != evaluate(model, data, 5)[0]  # dropout really was on
+
+
+def test_none_has_no_masks_in_training():
+    model = make("none").train()
+    x = torch.randint(0, V, (2, 5))
+    assert torch.equal(model(x, model.init_state(2))[0], model.eval()(x, model.init_state(2))[0])
+
+
+def _recorded_locked_masks(monkeypatch):
+    masks = []
+    original = lm.model.locked_mask
+
+    def record(batch, features, p, like):
+        m = original(batch, features, p, like)
+        masks.append((p, m))
+        return m
+
+    monkeypatch.setattr(lm.model, "locked_mask", record)
+    return masks
+
+
+def test_variational_masks_are_shared_over_time(monkeypatch):
+    masks = _recorded_locked_masks(monkeypatch)
+    model = make("variational", dropout_input=0.5, dropout_output=0.5).train()
+    inputs = []
+    model.layers[1].register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    x = torch.randint(0, V, (4, 9))
+    model(x, model.init_state(4))
+    assert [m.shape for _, m in masks] == [(4, 1, H)] * 3  # input of each layer, top output: one mask per row
+    zeros = inputs[0] == 0  # [batch, time, H]: the same units dropped at every step
+    assert zeros.any() and torch.equal(zeros, zeros[:, :1].expand_as(zeros))
+
+
+def test_variational_embedding_drops_word_types_in_the_whole_sequence():
+    model = make("variational", dropout_embedding=0.5).train()
+    captured = []
+    model.layers[0].register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    x = torch.tensor([[3, 5, 3, 5, 3, 5, 3, 5]] * 6)
+    model(x, model.init_state(6))
+    dropped = (captured[0] == 0).all(-1)  # [batch, time]
+    for row, ids in zip(dropped, x):
+        for word in (3, 5):
+            flags = row[ids == word]
+            assert flags.all() or not flags.any()  # a word type is dropped everywhere in its row, or nowhere
+    assert dropped.any() and not dropped.all()
+
+
+def test_variational_recurrent_mask_is_one_per_row_on_h_only(monkeypatch):
+    masks = _recorded_locked_masks(monkeypatch)
+    model = make("variational", dropout_recurrent=0.5).train()
+    x = torch.randint(0, V, (3, 6))
+    state = model.init_state(3)
+    emb = model.embedding(x)
+    out, _ = model._run_layer(model.layers[0], emb, state[0])
+    (p, mask), = masks
+    assert p == 0.5 and mask.shape == (3, 1, H)
+    layer = model.layers[0]
+    x_proj = torch.nn.functional.linear(emb, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
+    replay, _, _ = lstm_recurrence(x_proj, state[0][0][0], state[0][1][0], layer.weight_hh_l0, mask[:, 0], 0.0, True)
+    assert torch.allclose(out, replay, atol=1e-6)
+    fused, _ = layer(emb, state[0])
+    assert not torch.allclose(out, fused, atol=1e-4)  # the mask really reached h_{t-1}
+
+
+def test_recurrent_variant_masks_the_recurrent_input():
+    """The replay check that proves zaremba never touches h->h fails for this variant."""
+    model = make("recurrent", dropout=0.0, dropout_recurrent=0.5).train()
+    seen = []
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda mod, args, out, i=i: seen.append(i))
+    x = torch.randint(0, V, (4, 9))
+    state = model.init_state(4)
+    emb = model.embedding(x)
+    out, _ = model._run_layer(model.layers[0], emb, state[0])
+    assert seen == []  # the fused kernel was not used: the time loop was
+    fused, _ = model.layers[0](emb, state[0])
+    assert not torch.allclose(out, fused, atol=1e-4)
+
+
+def test_weight_drop_masks_hidden_weights_only_and_once_per_forward():
+    model = make("zaremba", dropout=0.0, weight_drop=0.5).train()
+    layer = model.layers[0]
+    w_ih = layer.weight_ih_l0.clone()
+    assert torch.equal(layer.weight_ih_l0, w_ih)  # the input weights are not dropped
+    a = layer.weight_hh_l0
+    assert (a == 0).float().mean() > 0.3  # about half of the recurrent weights dropped
+    x = torch.randint(0, V, (2, 5))
+    assert not torch.equal(model(x, model.init_state(2))[0], model(x, model.init_state(2))[0])  # a fresh mask each forward
+
+
+def test_tied_weights_share_one_tensor():
+    model = make("zaremba", tie_weights=True)
+    assert model.decoder.weight is model.embedding.weight
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.dropout_variant=variational", "model.dropout_embedding=0.1", "model.dropout_input=0.3",
+     "model.dropout_recurrent=0.2", "model.dropout_output=0.3", "model.weight_drop=0.2"],
+    ["model.dropout_variant=recurrent", "model.dropout_recurrent=0.2"],
+    ["model.dropout_variant=none", "model.tie_weights=true"],
+], ids=["variational+weight_drop", "recurrent", "none+tied"])
+def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corpus, tmp_path):
+    from lm.train import train
+
+    from helpers import tiny_overrides, train_config
+
+    metrics = train(train_config(tiny_overrides(shared_tiny_corpus, *overrides, "trainer.max_steps=3")), tmp_path)
+    assert metrics["steps"] == 3 and metrics["test_ppl"] < 100
+    assert metrics["config"]["model"]["dropout_variant"] == overrides[0].split("=")[1]
