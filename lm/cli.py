@@ -84,6 +84,14 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
         return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
+def run_hydra(task: Callable[[DictConfig], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None) -> None:
+    """The whole entry point of a command: ``task(cfg)`` under ``@hydra.main`` with ``configs/<config_name>.yaml``."""
+    import hydra
+
+    main = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(exit_on_user_error(task))
+    run_app(main, config_name, preflight)
+
+
 def run_app(hydra_main: Callable[[], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None) -> None:
     """Run a ``@hydra.main`` function, turning user errors into one line and exit code 2."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's printer

@@ -176,16 +176,9 @@ def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLa
 
 
 def _hydra_entry() -> None:
-    import hydra
+    from lm.cli import run_hydra
 
-    from lm.cli import CONFIG_DIR, exit_on_user_error, run_app
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
-    @exit_on_user_error
-    def main(cfg: DictConfig) -> None:
-        run_evaluation(cfg)
-
-    run_app(main, "evaluate", preflight=lambda cfg: validate_eval_only(cfg))
+    run_hydra(run_evaluation, "evaluate", preflight=validate_eval_only)
 
 
 def validate_eval_only(cfg: DictConfig) -> None:

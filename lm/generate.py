@@ -93,16 +93,9 @@ def run_generation(cfg: DictConfig) -> str:
 
 
 def _hydra_entry() -> None:
-    import hydra
+    from lm.cli import run_hydra
 
-    from lm.cli import CONFIG_DIR, exit_on_user_error, run_app
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base="1.3")
-    @exit_on_user_error
-    def main(cfg: DictConfig) -> None:
-        run_generation(cfg)
-
-    run_app(main, "generate")
+    run_hydra(run_generation, "generate")
 
 
 if __name__ == "__main__":

@@ -477,19 +477,17 @@ def preflight(cfg: DictConfig) -> None:
         )
 
 
-def _hydra_entry() -> None:
-    import hydra
+def _train_job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from lm.cli import CONFIG_DIR, exit_on_user_error, run_app
+    hydra_cfg = HydraConfig.get()
+    train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-    @exit_on_user_error
-    def main(cfg: DictConfig) -> None:
-        hydra_cfg = HydraConfig.get()
-        train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
-    run_app(main, "train", preflight=preflight)
+def _hydra_entry() -> None:
+    from lm.cli import run_hydra
+
+    run_hydra(_train_job, "train", preflight=preflight)
 
 
 if __name__ == "__main__":

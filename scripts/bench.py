@@ -137,6 +137,30 @@ def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
     }
 
 
+VARIANT_RATES = {  # dropout strategies at the medium size: (variant, model keyword rates)
+    "zaremba": ("zaremba", {}),
+    "variational": ("variational", dict(dropout_embedding=0.1, dropout_input=0.5, dropout_recurrent=0.3, dropout_output=0.5)),
+    "recurrent": ("recurrent", dict(dropout_recurrent=0.3)),
+}
+
+
+def bench_variants(windows_per_rep: int, reps: int) -> dict:
+    """Training tokens/s of each dropout strategy at the medium size (custom loop vs fused kernel)."""
+    hidden, bptt, dropout, init = SIZES["medium"]
+    torch.manual_seed(0)
+    data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH)
+    windows = bptt_windows(data, bptt)[:windows_per_rep]
+    tokens = sum(y.numel() for _, y in windows)
+    out = {}
+    for name, (variant, rates) in VARIANT_RATES.items():
+        model = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
+        train_epoch(model, windows[:2], opt, 5.0)
+        out[name] = median_rate(lambda: train_epoch(model, windows, opt, 5.0).seconds, tokens, reps)
+    base = out["zaremba"]
+    return {name: {"train_tokens_per_s": rate, "slowdown_vs_zaremba": base / rate} for name, rate in out.items()}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -148,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small and medium only, few windows (under a minute)")
     parser.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--variants", action="store_true", help="also time the dropout strategies at the medium size")
     parser.add_argument("--out", default="results/bench.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or (["small", "medium"] if args.quick else list(SIZES))
-    windows, reps = (4, 3) if args.quick else (20, 5)
+    windows, reps = (3, 3) if args.quick else (20, 5)
     fp32 = matmul_gflops(torch.float32)
     bf16 = matmul_gflops(torch.bfloat16)
     results = {}
@@ -169,8 +194,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['eval_stream_tokens_per_s']:>11,.0f} {r['eval_batched_tokens_per_s']:>12,.0f} "
             f"{r['reference_eval_batched_tokens_per_s']:>9,.0f} {r['fraction_of_fp32_matmul_ceiling']:>9.0%}"
         )
+    variants = bench_variants(windows, reps) if args.variants else None
+    if variants:
+        print("dropout strategies at medium: " + ", ".join(
+            f"{n} {v['train_tokens_per_s']:,.0f} tok/s ({v['slowdown_vs_zaremba']:.2f}x)" for n, v in variants.items()))
     report = {
         "quick": args.quick,
+        "variants_medium": variants,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "platform": platform.platform(),
