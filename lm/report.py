@@ -171,11 +171,33 @@ def plot_curve(run: Run, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(root: Path, plots: bool = True) -> str:
+START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"
+
+
+def update_readme_block(readme: Path, block: str) -> bool:
+    """Replace the generated block between the markers of ``readme``, if it has them."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(readme, f"{head}{START}\n{block}\n{END}{tail}")
+    return True
+
+
+def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:
     runs = find_runs(root)
-    text = render(runs, find_runs(root, "ensemble.json"))
+    ensembles = find_runs(root, "ensemble.json")
+    text = render(runs, ensembles)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "README.md", text)
+    if readme is not None and runs:
+        block = comparison_table(runs)
+        if ensembles:
+            block += "\n\n" + ensemble_table(ensembles)
+        update_readme_block(readme, block)
     if plots:
         for r in runs:
             plot_curve(r, root / r.path / CURVE_NAME)
@@ -186,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
+    parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
     args = parser.parse_args(argv)
-    print(write_report(Path(args.results), plots=not args.no_plots))
+    print(write_report(Path(args.results), plots=not args.no_plots, readme=Path(args.readme)))
 
 
 if __name__ == "__main__":

@@ -30,3 +30,15 @@ def test_report_tables_runs_with_mean_std_and_paper(tmp_path: Path):
 
 def test_report_with_no_runs(tmp_path: Path):
     assert "No runs yet" in write_report(tmp_path / "results")
+
+
+def test_readme_block_is_regenerated_between_markers(tmp_path: Path):
+    from lm.report import END, START, update_readme_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
+    assert update_readme_block(readme, "| new |")
+    assert readme.read_text() == f"intro\n{START}\n| new |\n{END}\noutro\n"
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not update_readme_block(plain, "x") and plain.read_text() == "no markers\n"
