@@ -172,3 +172,11 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
     return c
+
+
+def validate_saved(saved: dict) -> TrainConfig:
+    """The typed config stored in a checkpoint, with keys added since it was written
+    taken from today's defaults (``configs/train.yaml``), which reproduce the old behaviour."""
+    from lm.cli import compose
+
+    return validate(OmegaConf.merge(compose("train", []), saved))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from lm.config import validate
+from lm.config import validate_saved
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, build_model_from_checkpoint, evaluate_all, format_results
 
 ENSEMBLE_NAME = "ensemble.json"
@@ -37,7 +37,7 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 50
     if len(checkpoints) < 2:
         raise CheckpointError("model averaging needs at least 2 checkpoints")
     ckpts = [load_checkpoint(p) for p in checkpoints]
-    cfgs = [validate(c["config"]) for c in ckpts]
+    cfgs = [validate_saved(c["config"]) for c in ckpts]
     first = cfgs[0]
     for path, cfg in zip(checkpoints[1:], cfgs[1:]):
         if (cfg.data.name, cfg.data.dir) != (first.data.name, first.data.dir):

@@ -123,12 +123,12 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Load a checkpoint, evaluate it under both protocols, print and write JSON."""
     from lm.checkpoint import atomic_write_json, load_checkpoint
-    from lm.config import validate, validate_eval
+    from lm.config import validate_eval, validate_saved
     from lm.train import load_data, select_device
 
     ecfg = validate_eval(cfg)
     ckpt = load_checkpoint(ecfg.checkpoint)
-    train_cfg = validate(ckpt["config"])
+    train_cfg = validate_saved(ckpt["config"])
     if ecfg.data_dir is not None:
         train_cfg.data.dir = ecfg.data_dir
     if ecfg.threads:
@@ -164,9 +164,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLanguageModel:
     """The checkpoint's model with its weights; refuses a vocabulary of another size."""
     from lm.checkpoint import CheckpointError
-    from lm.config import validate
+    from lm.config import validate_saved
 
-    cfg = validate(ckpt["config"])
+    cfg = validate_saved(ckpt["config"])
     saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
     if saved_vocab != vocab_size:
         raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, the corpus {vocab_size}: use the corpus it was trained on")

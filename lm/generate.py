@@ -61,10 +61,10 @@ def checkpoint_vocab(ckpt: dict[str, Any]) -> Vocab:
     """The vocabulary a checkpoint was trained with (rebuilt from its data if not stored)."""
     if ckpt.get("vocab"):
         return Vocab(ckpt["vocab"])
-    from lm.config import validate
+    from lm.config import validate_saved
     from lm.train import load_data
 
-    return load_data(validate(ckpt["config"]).data).vocab
+    return load_data(validate_saved(ckpt["config"]).data).vocab
 
 
 def run_generation(cfg: DictConfig) -> str:

@@ -35,7 +35,7 @@ from lm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate
+from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate, validate_saved
 from lm.data import Corpus, DataError, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
 from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
@@ -232,7 +232,7 @@ def _local_progress(progress: EpochProgress, group: Group, batch_size: int, devi
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
-    saved = validate(ckpt["config"])
+    saved = validate_saved(ckpt["config"])
     for key in ("hidden_size", "num_layers"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:

@@ -112,3 +112,16 @@ def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
     assert "## Model averaging" in write_report(tmp_path / "results", plots=False)
     with pytest.raises(CheckpointError, match="at least 2"):
         run_ensemble([second / "checkpoint.pt"], tmp_path / "x")
+
+
+def test_checkpoint_configs_from_before_new_keys_still_load(tiny_run: Path):
+    """A checkpoint written before a config key existed gets today's default for it."""
+    from lm.checkpoint import load_checkpoint
+    from lm.config import validate_saved
+
+    saved = load_checkpoint(tiny_run / "out" / "checkpoint.pt")["config"]
+    for key in ("dropout_variant", "dropout_embedding", "weight_drop", "tie_weights"):
+        del saved["model"][key]
+    cfg = validate_saved(saved)
+    assert (cfg.model.dropout_variant, cfg.model.weight_drop, cfg.model.tie_weights) == ("zaremba", 0.0, False)
+    assert cfg.model.hidden_size == 16
