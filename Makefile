@@ -27,21 +27,21 @@ data: $(STAMP) ## download PTB into data/ptb (or $$LM_DATA_DIR) and check the MD
 
 train-small: data ## train the paper's small (non-regularized) model, then print the table
 	$(PY) -m lm.train experiment=zaremba_small $(ARGS)
-	$(PY) -m lm.report
+	$(PY) -m lm.report --with-runs runs
 
 train-medium: data ## train the paper's medium regularized model (39 epochs), then print the table
 	$(PY) -m lm.train experiment=zaremba_medium $(ARGS)
-	$(PY) -m lm.report
+	$(PY) -m lm.report --with-runs runs
 
 train-large: data ## train the paper's large regularized model (55 epochs), then print the table
 	$(PY) -m lm.train experiment=zaremba_large $(ARGS)
-	$(PY) -m lm.report
+	$(PY) -m lm.report --with-runs runs
 
-eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=results/zaremba_small/seed-1/checkpoint.pt
+eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=runs/zaremba_small/seed-1/checkpoint.pt
 	@test -n "$(CKPT)" || { echo "error: give CKPT=path/to/checkpoint.pt" >&2; exit 2; }
 	$(PY) -m lm.evaluate checkpoint=$(CKPT) $(ARGS)
 
-table: $(STAMP) ## regenerate results/README.md and the learning-curve plots from results/**/metrics.json
+table: $(STAMP) ## regenerate results/README.md and the plots from the committed results/**/metrics.json
 	$(PY) -m lm.report
 
 test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)

@@ -1,8 +1,10 @@
 """``python -m lm.report`` (``make table``): our perplexities beside the paper's Table 1.
 
-Reads every ``metrics.json`` under ``results/`` (any depth), writes
-``results/README.md`` (a table generated from the runs' JSON, never edited by
-hand: same inputs, same bytes) and a learning-curve plot next to each run.
+Reads every ``metrics.json`` under ``results/`` (the committed runs, any depth),
+writes ``results/README.md`` (a table generated from the runs' JSON, never
+edited by hand: same inputs, same bytes) and a learning-curve plot next to each
+run. ``--with-runs runs`` prints the same table with your own runs from
+``runs/`` added, and writes nothing but their plots.
 """
 
 from __future__ import annotations
@@ -187,6 +189,14 @@ def update_readme_block(readme: Path, block: str) -> bool:
     return True
 
 
+def local_report(root: Path, local: Path) -> str:
+    """The table with the committed runs under ``root`` and the user's own under ``local``; writes only plots."""
+    runs = find_runs(root) + [Run(Path(local.name) / r.path, r.metrics) for r in find_runs(local)]
+    for r in find_runs(local):
+        plot_curve(r, local / r.path / CURVE_NAME)
+    return render(runs, find_runs(root, "ensemble.json"))
+
+
 def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:
     runs = find_runs(root)
     ensembles = find_runs(root, "ensemble.json")
@@ -209,7 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
     parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
+    parser.add_argument("--with-runs", metavar="DIR", help="print the table with your own runs in DIR too (writes no table)")
     args = parser.parse_args(argv)
+    if args.with_runs:
+        print(local_report(Path(args.results), Path(args.with_runs)))
+        return
     print(write_report(Path(args.results), plots=not args.no_plots, readme=Path(args.readme)))
 
 

@@ -42,3 +42,18 @@ def test_readme_block_is_regenerated_between_markers(tmp_path: Path):
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no markers\n")
     assert not update_readme_block(plain, "x") and plain.read_text() == "no markers\n"
+
+
+def test_local_runs_are_shown_beside_committed_ones_without_touching_results(tmp_path: Path):
+    from lm.report import local_report
+
+    corpus = write_corpus(tmp_path / "corpus")
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small")), results / "zaremba_small" / "seed-1")
+    write_report(results)
+    committed = (results / "README.md").read_bytes()
+    train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small", "trainer.seed=7")), runs / "zaremba_small" / "seed-7")
+    text = local_report(results, runs)
+    assert "| zaremba_small | 2 |" in text and "`runs/zaremba_small/seed-7`" in text
+    assert (results / "README.md").read_bytes() == committed
+    assert (runs / "zaremba_small" / "seed-7" / "curve.png").exists()
