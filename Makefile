@@ -41,8 +41,8 @@ eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=run
 	@test -n "$(CKPT)" || { echo "error: give CKPT=path/to/checkpoint.pt" >&2; exit 2; }
 	$(PY) -m lm.evaluate checkpoint=$(CKPT) $(ARGS)
 
-table: $(STAMP) ## regenerate results/README.md and the plots from the committed results/**/metrics.json
-	$(PY) -m lm.report
+table: $(STAMP) ## regenerate results/README.md from results/; print it with your runs/ (sweeps too) beside
+	$(PY) -m lm.report --with-runs runs
 
 test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)
 	$(PY) -m pytest

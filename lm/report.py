@@ -3,8 +3,9 @@
 Reads every ``metrics.json`` under ``results/`` (the committed runs, any depth),
 writes ``results/README.md`` (a table generated from the runs' JSON, never
 edited by hand: same inputs, same bytes) and a learning-curve plot next to each
-run. ``--with-runs runs`` prints the same table with your own runs from
-``runs/`` added, and writes nothing but their plots.
+run. ``--with-runs runs`` also prints the table with your own runs from
+``runs/`` (sweeps included) beside them; ``results/README.md`` keeps only the
+committed runs.
 """
 
 from __future__ import annotations
@@ -219,12 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
     parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
-    parser.add_argument("--with-runs", metavar="DIR", help="print the table with your own runs in DIR too (writes no table)")
+    parser.add_argument("--with-runs", metavar="DIR", help="print the table with your own runs in DIR too (results/README.md keeps only the committed runs)")
     args = parser.parse_args(argv)
-    if args.with_runs:
-        print(local_report(Path(args.results), Path(args.with_runs)))
-        return
-    print(write_report(Path(args.results), plots=not args.no_plots, readme=Path(args.readme)))
+    text = write_report(Path(args.results), plots=not args.no_plots, readme=Path(args.readme))
+    if args.with_runs and Path(args.with_runs).is_dir():
+        text = local_report(Path(args.results), Path(args.with_runs))
+    print(text)
 
 
 if __name__ == "__main__":
