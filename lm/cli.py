@@ -79,7 +79,10 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
     """Compose a config the way the command line would (used by preflight and tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside a running command: its search path is configs/ too
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
