@@ -103,10 +103,6 @@ class EpochProgress:
     state: State | None = None  # hidden state carried into the next window
 
     @property
-    def ppl(self) -> float:
-        return perplexity(self.nll, self.tokens)
-
-    @property
     def grad_norm(self) -> float:
         return self.norm_sum / max(self.steps - self.skipped, 1)
 
