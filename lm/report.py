@@ -192,9 +192,10 @@ def update_readme_block(readme: Path, block: str) -> bool:
 
 def local_report(root: Path, local: Path) -> str:
     """The table with the committed runs under ``root`` and the user's own under ``local``; writes only plots."""
-    runs = find_runs(root) + [Run(Path(local.name) / r.path, r.metrics) for r in find_runs(local)]
-    for r in find_runs(local):
+    local_runs = find_runs(local)
+    for r in local_runs:
         plot_curve(r, local / r.path / CURVE_NAME)
+    runs = find_runs(root) + [Run(Path(local.name) / r.path, r.metrics) for r in local_runs]
     return render(runs, find_runs(root, "ensemble.json"))
 
 
