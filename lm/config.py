@@ -53,6 +53,7 @@ class OptimConfig:
     decay_start_epoch: int = MISSING
     decay_convention: str = MISSING
     max_grad_norm: float = MISSING
+    weight_decay: float = MISSING
 
 
 @dataclass
@@ -149,6 +150,7 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _require(o.decay_start_epoch >= 0, "optim.decay_start_epoch", "a non-negative integer", o.decay_start_epoch)
     _require(o.decay_convention in DECAY_CONVENTIONS, "optim.decay_convention", f"one of {DECAY_CONVENTIONS}", o.decay_convention)
     _require(o.max_grad_norm > 0, "optim.max_grad_norm", "a positive number", o.max_grad_norm)
+    _require(0.0 <= o.weight_decay < 1.0, "optim.weight_decay", "in [0, 1) (the fraction of every weight removed per step)", o.weight_decay)
     t = c.trainer
     _positive_int(t.epochs, "trainer.epochs")
     _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)

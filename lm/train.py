@@ -130,6 +130,7 @@ def train_epoch(
     on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 100,
     reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    weight_decay: float = 0.0,
 ) -> EpochProgress:
     """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
 
@@ -137,6 +138,8 @@ def train_epoch(
     at the first step boundary after ``should_stop()`` turns true. The host
     syncs only every ``log_every`` steps (and per step with ``skip_nonfinite``).
     ``reduce_gradients`` (data-parallel training) runs between backward and clipping.
+    ``weight_decay`` shrinks every weight by that fraction after each step,
+    independent of the lr (Gal & Ghahramani's Lua code; SGD's own option would scale it by lr).
     """
     progress = progress or EpochProgress()
     model.train()
@@ -178,6 +181,10 @@ def train_epoch(
             steps_here += 1
             continue
         optimizer.step()
+        if weight_decay:
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1.0 - weight_decay)
         optimizer.zero_grad(set_to_none=True)
         first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         nll += loss_sum.detach().double()
@@ -363,6 +370,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                             max_steps=remaining, should_stop=lambda: group.any(bool(stop)), skip_nonfinite=cfg.trainer.nonfinite == "skip",
                             epoch=epoch + 1, step_offset=global_step, bar=bar, on_log=on_log, log_every=cfg.trainer.log_every,
                             reduce_gradients=group.average_gradients if group.active else None,
+                            weight_decay=cfg.optim.weight_decay,
                         )
                 except NonFiniteError as err:
                     kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint was written yet"
