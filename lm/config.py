@@ -16,6 +16,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
@@ -69,6 +72,7 @@ class TrainerConfig:
     progress: bool = MISSING
     overwrite: bool = MISSING
     nonfinite: str = MISSING
+    precision: str = MISSING
 
 
 @dataclass
@@ -160,6 +164,7 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _positive_int(t.eval_window, "trainer.eval_window")
     _require(t.device in ("cpu", "cuda", "auto"), "trainer.device", "cpu, cuda or auto", t.device)
     _require(t.nonfinite in ("stop", "skip"), "trainer.nonfinite", "stop or skip", t.nonfinite)
+    _require(t.precision in PRECISIONS, "trainer.precision", f"one of {PRECISIONS}", t.precision)
     return c
 
 

@@ -16,8 +16,6 @@ All masks are inverted (scaled by 1/(1-p) at training time).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -50,50 +48,3 @@ class WeightDrop(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return nn.functional.dropout(weight, self.p, self.training)
-
-
-def lstm_recurrence(
-    x_proj: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
-    w_hh: torch.Tensor,
-    h_mask: Optional[torch.Tensor],
-    fresh_p: float,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LSTM layer's time loop with a mask on h_{t-1} (the cell c is never masked).
-
-    x_proj: [batch, time, 4H] input projections with both biases (computed for all
-    steps at once); h, c: [batch, H]; h_mask: a [batch, H] mask shared by all steps
-    (variational) or None; fresh_p: rate of a fresh mask per step (recurrent).
-    Gate order i, f, g, o as in ``nn.LSTM``.
-    """
-    outputs = []
-    w_t = w_hh.t()
-    for t in range(x_proj.size(1)):
-        h_in = h
-        if h_mask is not None:
-            h_in = h * h_mask
-        elif training and fresh_p > 0.0:
-            h_in = nn.functional.dropout(h, fresh_p, True)
-        gates = torch.addmm(x_proj[:, t], h_in, w_t)
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outputs.append(h)
-    return torch.stack(outputs, 1), h, c
-
-
-def _scripted(fn):
-    """TorchScript the loop (removes Python overhead per step); eager if scripting is unavailable."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.script(fn)
-    except Exception:  # noqa: BLE001 - scripting is an optimization only
-        return fn
-
-
-lstm_recurrence_scripted = _scripted(lstm_recurrence)

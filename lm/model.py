@@ -7,9 +7,10 @@ With the default ``zaremba`` variant, dropout sits in exactly L+1 places, all
 on the non-recurrent (vertical) connections, with a fresh mask for every
 element at every time step. The recurrence inside each layer (h_{t-1} -> h_t
 and the cell c) is never masked: each layer is a fused single-layer
-``nn.LSTM`` (cuDNN on GPU, the native kernel on CPU), so nothing can reach
-inside it. Variants that mask h_{t-1} (``variational`` with a recurrent rate,
-``recurrent``) run the layer's time loop from ``lm.dropout`` instead.
+``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU) for evaluation and GPU training; CPU
+training, and the variants that mask h_{t-1} (``variational`` with a recurrent
+rate, ``recurrent``), run the same parameters through ``lm.recurrence.lstm_window``,
+whose only mask input is the h_{t-1} mask those variants pass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
-from lm.dropout import VARIANTS, WeightDrop, locked_mask, lstm_recurrence_scripted, word_mask
+from lm.dropout import VARIANTS, WeightDrop, locked_mask, word_mask
+from lm.recurrence import lstm_window
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -92,7 +94,7 @@ class LSTMLanguageModel(nn.Module):
 
     @property
     def masks_recurrence(self) -> bool:
-        """Whether h_{t-1} is masked, which needs the explicit time loop."""
+        """Whether h_{t-1} is masked (variational with a recurrent rate, recurrent)."""
         return self.variant in ("variational", "recurrent") and self.dropout_recurrent > 0
 
     def _locked(self, h: torch.Tensor, p: float) -> torch.Tensor:
@@ -100,18 +102,20 @@ class LSTMLanguageModel(nn.Module):
             return h
         return h * locked_mask(h.size(0), h.size(2), p, h)
 
+    def _recurrent_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """[batch, H] for variational (the same at every step), [time, batch, H] for recurrent (fresh per step)."""
+        keep = 1.0 - self.dropout_recurrent
+        shape = (h.size(0), self.hidden_size) if self.variant == "variational" else (h.size(1), h.size(0), self.hidden_size)
+        return torch.empty(shape, dtype=torch.float32, device=h.device).bernoulli_(keep) / keep
+
     def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        if not (self.masks_recurrence and self.training):
-            return layer(h, state)  # fused kernel; no mask can reach the recurrence
-        w_hh = layer.weight_hh_l0  # one access: one DropConnect mask per window
-        x_proj = nn.functional.linear(h, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
-        h0, c0 = state[0][0], state[1][0]
-        if self.variant == "variational":  # one mask per row, the same at every step
-            h_mask, fresh = locked_mask(h0.size(0), h0.size(1), self.dropout_recurrent, h0)[:, 0], 0.0
-        else:
-            h_mask, fresh = None, self.dropout_recurrent
-        out, h_t, c_t = lstm_recurrence_scripted(x_proj, h0, c0, w_hh, h_mask, fresh, True)
-        return out, (h_t.unsqueeze(0), c_t.unsqueeze(0))
+        """Evaluation, and unmasked training on GPU, use the fused kernel (oneDNN / cuDNN), which
+        nothing can reach inside. Training otherwise runs ``lstm_window``: faster than oneDNN on
+        CPU, and the only path that can mask h_{t-1}; without a mask it computes nn.LSTM's function."""
+        if not self.training or (h.is_cuda and not self.masks_recurrence):
+            return layer(h, state)
+        mask = self._recurrent_mask(h) if self.masks_recurrence else None
+        return lstm_window(layer, h, state, h_mask=mask)
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> logits [batch, time, vocab] and the final state."""
@@ -137,8 +141,9 @@ class LSTMLanguageModel(nn.Module):
 
 
 def detach_state(state: State) -> State:
-    """Cut the graph between BPTT windows while carrying the values over."""
-    return [(h.detach(), c.detach()) for h, c in state]
+    """Cut the graph between BPTT windows while carrying the values over (in fp32, also
+    when a fused kernel under bf16 autocast returned them in bf16)."""
+    return [(h.detach().float(), c.detach().float()) for h, c in state]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -131,6 +131,7 @@ def train_epoch(
     log_every: int = 100,
     reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
     weight_decay: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> EpochProgress:
     """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
 
@@ -140,6 +141,7 @@ def train_epoch(
     ``reduce_gradients`` (data-parallel training) runs between backward and clipping.
     ``weight_decay`` shrinks every weight by that fraction after each step,
     independent of the lr (Gal & Ghahramani's Lua code; SGD's own option would scale it by lr).
+    ``autocast_dtype`` (bf16) runs the forward under autocast; weights, loss and state stay fp32.
     """
     progress = progress or EpochProgress()
     model.train()
@@ -166,7 +168,8 @@ def train_epoch(
         index += 1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         state = detach_state(state)
-        logits, state = model(x, state)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, state = model(x, state)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
         (loss_sum / batch_size).backward()  # summed over time, averaged over the batch
         if reduce_gradients is not None:
@@ -278,6 +281,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
+    autocast_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
+    if autocast_dtype is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use trainer.precision=fp32")
     group = init_group(device.type == "cuda")
     if group.active:
         if cfg.data.batch_size % group.world_size:
@@ -339,8 +345,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         }, before_commit=lambda: fault_point("checkpoint", epoch_done))
 
     log.info(
-        "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads",
+        "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads, %s",
         cfg.name, f"{count_parameters(model):,}", len(windows), cfg.data.batch_size, cfg.data.bptt, device, torch.get_num_threads(),
+        cfg.trainer.precision,
     )
     writer = SummaryWriter(log_dir=str(out_dir / "tb")) if group.is_main else _NullWriter()
     max_steps = cfg.trainer.max_steps
@@ -370,7 +377,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                             max_steps=remaining, should_stop=lambda: group.any(bool(stop)), skip_nonfinite=cfg.trainer.nonfinite == "skip",
                             epoch=epoch + 1, step_offset=global_step, bar=bar, on_log=on_log, log_every=cfg.trainer.log_every,
                             reduce_gradients=group.average_gradients if group.active else None,
-                            weight_decay=cfg.optim.weight_decay,
+                            weight_decay=cfg.optim.weight_decay, autocast_dtype=autocast_dtype,
                         )
                 except NonFiniteError as err:
                     kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint was written yet"

@@ -36,3 +36,19 @@ def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
         "model=tiny", "data=custom", f"data.dir={corpus}", "data.batch_size=4", "data.bptt=5",
         "trainer.progress=false", "trainer.threads=1", "trainer.device=cpu", *extra,
     ]
+
+
+def record_layer_calls(monkeypatch) -> list[tuple]:
+    """Every training-time run of a layer's time loop: (layer, input, state, h_mask, output)."""
+    import lm.model
+
+    calls = []
+    real = lm.model.lstm_window
+
+    def recording(layer, x, state, h_mask=None, w_hh=None):
+        result = real(layer, x, state, h_mask=h_mask, w_hh=w_hh)
+        calls.append((layer, x.detach(), state, h_mask, result[0].detach()))
+        return result
+
+    monkeypatch.setattr(lm.model, "lstm_window", recording)
+    return calls

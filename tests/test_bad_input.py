@@ -111,6 +111,8 @@ CONFIG_CASES = [
     (["trainer.device=tpu"], "trainer.device must be cpu, cuda or auto"),
     (["trainer.threads=-1"], "trainer.threads must be 0 (all cores) or a positive integer"),
     (["trainer.nonfinite=ignore"], "trainer.nonfinite must be stop or skip"),
+    (["trainer.precision=fp16"], "trainer.precision must be one of"),
+    (["optim.weight_decay=1.5"], "optim.weight_decay must be in [0, 1)"),
     (["trainer.log_every=0"], "trainer.log_every must be a positive integer"),
     (["trainer.eval_window=0"], "trainer.eval_window must be a positive integer"),
 ]

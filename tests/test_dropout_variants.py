@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import lm.model
 from lm.data import batchify
-from lm.dropout import lstm_recurrence
 from lm.evaluate import evaluate, evaluate_mc
 from lm.model import LSTMLanguageModel
+
+from helpers import record_layer_calls
 
 V, H = 30, 8
 
@@ -69,7 +71,7 @@ def test_mc_dropout_with_one_deterministic_pass_equals_plain_evaluation(name):
 def test_none_has_no_masks_in_training():
     model = make("none").train()
     x = torch.randint(0, V, (2, 5))
-    assert torch.equal(model(x, model.init_state(2))[0], model.eval()(x, model.init_state(2))[0])
+    assert torch.allclose(model(x, model.init_state(2))[0], model.eval()(x, model.init_state(2))[0], atol=1e-6)
 
 
 def _recorded_locked_masks(monkeypatch):
@@ -87,23 +89,22 @@ def _recorded_locked_masks(monkeypatch):
 
 def test_variational_masks_are_shared_over_time(monkeypatch):
     masks = _recorded_locked_masks(monkeypatch)
+    calls = record_layer_calls(monkeypatch)
     model = make("variational", dropout_input=0.5, dropout_output=0.5).train()
-    inputs = []
-    model.layers[1].register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
     x = torch.randint(0, V, (4, 9))
     model(x, model.init_state(4))
     assert [m.shape for _, m in masks] == [(4, 1, H)] * 3  # input of each layer, top output: one mask per row
-    zeros = inputs[0] == 0  # [batch, time, H]: the same units dropped at every step
+    assert [call[3] for call in calls] == [None, None]  # no recurrent rate: h_{t-1} unmasked
+    zeros = calls[1][1] == 0  # input of layer 2, [batch, time, H]: the same units dropped at every step
     assert zeros.any() and torch.equal(zeros, zeros[:, :1].expand_as(zeros))
 
 
-def test_variational_embedding_drops_word_types_in_the_whole_sequence():
+def test_variational_embedding_drops_word_types_in_the_whole_sequence(monkeypatch):
+    calls = record_layer_calls(monkeypatch)
     model = make("variational", dropout_embedding=0.5).train()
-    captured = []
-    model.layers[0].register_forward_hook(lambda mod, args, out: captured.append(args[0]))
     x = torch.tensor([[3, 5, 3, 5, 3, 5, 3, 5]] * 6)
     model(x, model.init_state(6))
-    dropped = (captured[0] == 0).all(-1)  # [batch, time]
+    dropped = (calls[0][1] == 0).all(-1)  # input of layer 1, [batch, time]
     for row, ids in zip(dropped, x):
         for word in (3, 5):
             flags = row[ids == word]
@@ -111,36 +112,45 @@ def test_variational_embedding_drops_word_types_in_the_whole_sequence():
     assert dropped.any() and not dropped.all()
 
 
+def reference_loop(layer, x, state, h_masks):
+    """The LSTM equations step by step, with h_masks[t] on h_{t-1} (gate order i, f, g, o)."""
+    h, c = state[0][0], state[1][0]
+    outputs = []
+    for t in range(x.size(1)):
+        gates = nn.functional.linear(x[:, t], layer.weight_ih_l0, layer.bias_ih_l0) + \
+            nn.functional.linear(h * h_masks[t], layer.weight_hh_l0, layer.bias_hh_l0)
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, 1)
+
+
 def test_variational_recurrent_mask_is_one_per_row_on_h_only(monkeypatch):
-    masks = _recorded_locked_masks(monkeypatch)
+    calls = record_layer_calls(monkeypatch)
     model = make("variational", dropout_recurrent=0.5).train()
     x = torch.randint(0, V, (3, 6))
-    state = model.init_state(3)
-    emb = model.embedding(x)
-    out, _ = model._run_layer(model.layers[0], emb, state[0])
-    (p, mask), = masks
-    assert p == 0.5 and mask.shape == (3, 1, H)
-    layer = model.layers[0]
-    x_proj = torch.nn.functional.linear(emb, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
-    replay, _, _ = lstm_recurrence(x_proj, state[0][0][0], state[0][1][0], layer.weight_hh_l0, mask[:, 0], 0.0, True)
-    assert torch.allclose(out, replay, atol=1e-6)
-    fused, _ = layer(emb, state[0])
-    assert not torch.allclose(out, fused, atol=1e-4)  # the mask really reached h_{t-1}
+    model(x, model.init_state(3))
+    assert len(calls) == 2
+    for layer, layer_input, state, h_mask, out in calls:
+        assert h_mask.shape == (3, H)  # one mask per row, shared by every step
+        assert set(h_mask.unique().tolist()) == {0.0, 2.0}  # inverted dropout at rate 0.5
+        assert torch.allclose(out, reference_loop(layer, layer_input, state, [h_mask] * 6), atol=1e-6)
+        fused, _ = layer(layer_input, state)
+        assert not torch.allclose(out, fused, atol=1e-4)  # the mask really reached h_{t-1}
 
 
-def test_recurrent_variant_masks_the_recurrent_input():
-    """The replay check that proves zaremba never touches h->h fails for this variant."""
+def test_recurrent_variant_masks_the_recurrent_input_afresh_every_step(monkeypatch):
+    calls = record_layer_calls(monkeypatch)
     model = make("recurrent", dropout=0.0, dropout_recurrent=0.5).train()
-    seen = []
-    for i, layer in enumerate(model.layers):
-        layer.register_forward_hook(lambda mod, args, out, i=i: seen.append(i))
     x = torch.randint(0, V, (4, 9))
-    state = model.init_state(4)
-    emb = model.embedding(x)
-    out, _ = model._run_layer(model.layers[0], emb, state[0])
-    assert seen == []  # the fused kernel was not used: the time loop was
-    fused, _ = model.layers[0](emb, state[0])
-    assert not torch.allclose(out, fused, atol=1e-4)
+    model(x, model.init_state(4))
+    for layer, layer_input, state, h_mask, out in calls:
+        assert h_mask.shape == (9, 4, H)  # [time, batch, H]: one mask per step
+        assert len({tuple(m.flatten().tolist()) for m in h_mask}) > 1  # fresh at every step
+        assert torch.allclose(out, reference_loop(layer, layer_input, state, h_mask), atol=1e-6)
+        fused, _ = layer(layer_input, state)
+        assert not torch.allclose(out, fused, atol=1e-4)
 
 
 def test_weight_drop_masks_hidden_weights_only_and_once_per_forward():

@@ -19,7 +19,7 @@ from lm.train import learning_rate, preflight, train, train_epoch
 
 from helpers import REPO, tiny_overrides, train_config
 
-EXPERIMENTS = ["zaremba_small", "zaremba_medium", "zaremba_large"]
+EXPERIMENTS = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large", "ablation"]
 MODELS = ["tiny", "small", "medium", "large"]
 
 
@@ -86,6 +86,26 @@ def test_missing_detach_would_be_caught(monkeypatch):
         train_epoch(model, windows, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=5.0)
 
 
+def test_weight_decay_shrinks_every_weight_by_its_fraction_per_step():
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(20, 8, 1, 0.0, 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randint(0, 20, (2, 3)), torch.randint(0, 20, (2, 3))
+    train_epoch(model, [(x, y)], torch.optim.SGD(model.parameters(), lr=1e-12), 5.0, weight_decay=0.1)
+    for b, p in zip(before, model.parameters()):
+        assert torch.allclose(p, 0.9 * b, atol=1e-9)  # independent of the (here negligible) lr
+
+
+def test_bf16_training_tracks_fp32_and_keeps_fp32_weights(tiny_corpus, tmp_path):
+    fp32 = train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=30")), tmp_path / "fp32")
+    bf16 = train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=30", "trainer.precision=bf16")), tmp_path / "bf16")
+    assert bf16["config"]["trainer"]["precision"] == "bf16"
+    assert bf16["valid_ppl"] != fp32["valid_ppl"]  # bf16 really ran
+    assert abs(bf16["valid_ppl"] / fp32["valid_ppl"] - 1) < 0.02
+    weights = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
 # ------------------------------------------------------------- presets
 
 
@@ -97,6 +117,28 @@ def test_every_preset_composes_and_trains_two_steps(preset, shared_tiny_corpus, 
     metrics = train(cfg, tmp_path)
     assert metrics["steps"] == 2
     assert metrics["valid_ppl"] > 1 and metrics["test_ppl"] > 1
+
+
+def test_gal_large_has_the_rates_of_paper_md():
+    cfg = compose("train", ["experiment=gal_large"])
+    m, o = cfg.model, cfg.optim
+    assert (m.dropout_variant, m.hidden_size) == ("variational", 1500)
+    assert (m.dropout_embedding, m.dropout_input, m.dropout_recurrent, m.dropout_output) == (0.3, 0.5, 0.3, 0.5)
+    assert (o.weight_decay, o.decay_start_epoch, o.max_grad_norm, cfg.trainer.epochs) == (1e-7, 10, 10.0, 55)
+
+
+ABLATION = ["none", "zaremba", "recurrent", "variational", "zaremba_tied", "variational_wd"]
+
+
+def test_ablation_placements_differ_only_in_the_model_options():
+    configs = {a: compose("train", ["experiment=ablation", f"ablation={a}"]) for a in ABLATION}
+    base = configs["none"]
+    for name, cfg in configs.items():
+        for key in ("data", "optim", "trainer"):
+            assert cfg[key] == base[key], (name, key)
+        assert cfg.model.hidden_size == 200 and cfg.model.name == "small"
+    assert len({str(cfg.model) for cfg in configs.values()}) == len(ABLATION)  # each a different placement
+    assert configs["recurrent"].model.dropout_recurrent > 0 and configs["variational_wd"].model.weight_drop > 0
 
 
 def test_max_steps_run_writes_complete_metrics(tiny_corpus, tmp_path):

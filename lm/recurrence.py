@@ -1,0 +1,108 @@
+"""One LSTM layer over a BPTT window as a single autograd Function (the training path).
+
+Why not ``nn.LSTM`` for training on CPU: its oneDNN backward runs far below the
+matrix-multiply ceiling, in fp32 and more so in bf16. Here the time loop does only
+what must be sequential (one [batch, H] x [H, 4H] product and the gate arithmetic
+per step); the input projection before it, and the input and recurrent weight
+gradients after it, are one large product each over all steps, as cuDNN does.
+The same loop carries the masks on h_{t-1} of the variational and recurrent
+dropout variants, so every variant trains at the same speed.
+
+Mixed precision: products run in ``compute_dtype`` (bf16 under autocast); gate
+pre-activations, the cell c and everything element-wise stay in fp32, so the
+carried state is fp32. Gate order i, f, g, o as in ``nn.LSTM``, whose parameters
+this reads (checkpoints are the same either way).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class LSTMWindow(torch.autograd.Function):
+    """Time-major: x_proj [T, B, 4H] (both biases included), h0/c0 [B, H], w_hh [4H, H];
+    h_mask None, [B, H] (shared by every step) or [T, B, H] (one per step), already scaled."""
+
+    @staticmethod
+    def forward(ctx, x_proj, h0, c0, w_hh, h_mask, compute_dtype):
+        with torch.autocast(x_proj.device.type, enabled=False):
+            steps, batch, four_h = x_proj.shape
+            hidden = four_h // 4
+            w = w_hh.to(compute_dtype)
+            w_t = w.t()
+            acts = torch.empty(steps, batch, four_h, dtype=torch.float32, device=x_proj.device)
+            cells = torch.empty(steps + 1, batch, hidden, dtype=torch.float32, device=x_proj.device)
+            tanh_c = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x_proj.device)
+            outputs = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x_proj.device)
+            h_in = torch.empty(steps, batch, hidden, dtype=compute_dtype, device=x_proj.device)
+            x_proj = x_proj.float().contiguous()
+            h, c = h0.float(), c0.float()
+            cells[0] = c
+            for t in range(steps):
+                masked = h if h_mask is None else h * (h_mask if h_mask.dim() == 2 else h_mask[t])
+                h_in[t] = masked
+                if compute_dtype == torch.float32:
+                    gates = torch.addmm(x_proj[t], h_in[t], w_t)
+                else:
+                    gates = x_proj[t] + torch.mm(h_in[t], w_t)
+                a = acts[t]
+                torch.sigmoid(gates, out=a)
+                a[:, 2 * hidden:3 * hidden] = gates[:, 2 * hidden:3 * hidden].tanh()
+                i, f, g, o = a.chunk(4, 1)
+                c = torch.addcmul(f * c, i, g)
+                cells[t + 1] = c
+                torch.tanh(c, out=tanh_c[t])
+                h = torch.mul(o, tanh_c[t], out=outputs[t])
+            ctx.save_for_backward(acts, cells, tanh_c, h_in, w, h_mask)
+            ctx.w_dtype = w_hh.dtype
+            return outputs, h.clone(), c
+
+    @staticmethod
+    def backward(ctx, d_out, d_h, d_c):
+        acts, cells, tanh_c, h_in, w, h_mask = ctx.saved_tensors
+        with torch.autocast(acts.device.type, enabled=False):
+            steps, batch, four_h = acts.shape
+            hidden = four_h // 4
+            d_gates = torch.empty_like(acts)
+            dh = torch.zeros_like(cells[0]) if d_h is None else d_h.float()
+            dc = torch.zeros_like(cells[0]) if d_c is None else d_c.float()
+            for t in range(steps - 1, -1, -1):
+                i, f, g, o = acts[t].chunk(4, 1)
+                dg_i, dg_f, dg_g, dg_o = d_gates[t].chunk(4, 1)
+                dh_t = dh if d_out is None else dh + d_out[t]
+                tc = tanh_c[t]
+                torch.mul(dh_t * tc, o * (1 - o), out=dg_o)
+                dc = dc + dh_t * o * (1 - tc * tc)
+                torch.mul(dc * g, i * (1 - i), out=dg_i)
+                torch.mul(dc * cells[t], f * (1 - f), out=dg_f)
+                torch.mul(dc * i, 1 - g * g, out=dg_g)
+                dc = dc * f
+                dh = torch.mm(d_gates[t].to(w.dtype), w).float()
+                if h_mask is not None:
+                    dh = dh * (h_mask if h_mask.dim() == 2 else h_mask[t])
+            flat = d_gates.view(steps * batch, four_h)
+            d_w = torch.mm(flat.to(w.dtype).t(), h_in.view(steps * batch, hidden)).to(ctx.w_dtype)
+            return d_gates, dh, dc, d_w, None, None
+
+
+def lstm_window(
+    layer: torch.nn.LSTM,
+    x: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    h_mask: Optional[torch.Tensor] = None,
+    w_hh: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Run a single-layer batch-first ``nn.LSTM``'s parameters over x [B, T, H_in].
+
+    Same call and result shapes as ``layer(x, state)``; ``w_hh`` replaces the
+    recurrent weight (a weight-dropped one), ``h_mask`` masks h_{t-1}.
+    Under autocast the products run in the autocast dtype.
+    """
+    device = x.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    w_hh = layer.weight_hh_l0 if w_hh is None else w_hh
+    x_proj = torch.nn.functional.linear(x, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
+    out, h, c = LSTMWindow.apply(x_proj.transpose(0, 1).float(), state[0][0], state[1][0], w_hh, h_mask, compute_dtype)
+    return out.transpose(0, 1), (h.unsqueeze(0), c.unsqueeze(0))
