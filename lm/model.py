@@ -7,10 +7,10 @@ With the default ``zaremba`` variant, dropout sits in exactly L+1 places, all
 on the non-recurrent (vertical) connections, with a fresh mask for every
 element at every time step. The recurrence inside each layer (h_{t-1} -> h_t
 and the cell c) is never masked: each layer is a fused single-layer
-``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU) for evaluation and GPU training; CPU
-training, and the variants that mask h_{t-1} (``variational`` with a recurrent
-rate, ``recurrent``), run the same parameters through ``lm.recurrence.lstm_window``,
-whose only mask input is the h_{t-1} mask those variants pass.
+``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU). Two cases run the same parameters
+through ``lm.recurrence.lstm_window`` instead: the variants that mask h_{t-1}
+(``variational`` with a recurrent rate, ``recurrent``), whose mask is its only
+mask input, and bf16 training on CPU, where it is faster than oneDNN.
 """
 
 from __future__ import annotations
@@ -109,13 +109,14 @@ class LSTMLanguageModel(nn.Module):
         return torch.empty(shape, dtype=torch.float32, device=h.device).bernoulli_(keep) / keep
 
     def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """Evaluation, and unmasked training on GPU, use the fused kernel (oneDNN / cuDNN), which
-        nothing can reach inside. Training otherwise runs ``lstm_window``: faster than oneDNN on
-        CPU, and the only path that can mask h_{t-1}; without a mask it computes nn.LSTM's function."""
-        if not self.training or (h.is_cuda and not self.masks_recurrence):
-            return layer(h, state)
-        mask = self._recurrent_mask(h) if self.masks_recurrence else None
-        return lstm_window(layer, h, state, h_mask=mask)
+        """The fused kernel (oneDNN / cuDNN), which nothing can reach inside, unless training
+        needs ``lstm_window``: to mask h_{t-1}, or in bf16 on CPU, where oneDNN's bf16 backward
+        is slow. Without a mask ``lstm_window`` computes nn.LSTM's function."""
+        if self.training and self.masks_recurrence:
+            return lstm_window(layer, h, state, h_mask=self._recurrent_mask(h))
+        if self.training and not h.is_cuda and torch.is_autocast_enabled(h.device.type):
+            return lstm_window(layer, h, state)
+        return layer(h, state)
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> logits [batch, time, vocab] and the final state."""

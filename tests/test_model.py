@@ -41,20 +41,37 @@ def test_shapes_and_state():
     assert len(state) == 2 and state[0][0].shape == (1, 3, 8)
 
 
-def test_dropout_never_touches_the_recurrent_path(monkeypatch):
-    """Re-running each layer through the fused nn.LSTM kernel (which nothing can reach inside)
-    on the (already masked) input it saw must give its output: a mask on h_{t-1} -> h_t or on c
-    would break this. And the time loop was handed no mask at all."""
+def test_dropout_never_touches_the_recurrent_path():
+    """Re-running each layer without dropout on the (already masked) input it saw must
+    give exactly its output: any mask on h_{t-1} -> h_t or on c would break this."""
+    model = make(dropout=0.5).train()
+    seen = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, args[0].detach(), args[1], out[0].detach())))
+             for i, layer in enumerate(model.layers)]
+    model(torch.randint(0, 30, (4, 9)), model.init_state(4))
+    for h in hooks:
+        h.remove()
+    assert [i for i, *_ in seen] == [0, 1]
+    for i, layer_input, layer_state, layer_output in seen:
+        replay, _ = model.layers[i](layer_input, layer_state)
+        assert torch.equal(replay, layer_output), f"layer {i} output differs: a mask reached the recurrence"
+
+
+def test_dropout_never_touches_the_recurrent_path_in_bf16_training(monkeypatch):
+    """bf16 training on CPU runs the layers through lm.recurrence: it is handed no mask,
+    and replaying it without dropout gives exactly the output it produced."""
     from helpers import record_layer_calls
+
+    from lm.recurrence import lstm_window
 
     model = make(dropout=0.5).train()
     calls = record_layer_calls(monkeypatch)
-    model(torch.randint(0, 30, (4, 9)), model.init_state(4))
-    assert len(calls) == 2
-    for layer, layer_input, layer_state, h_mask, layer_output in calls:
-        assert h_mask is None
-        replay, _ = layer(layer_input, layer_state)
-        assert torch.allclose(replay, layer_output, atol=1e-6), "a mask reached the recurrence"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 30, (4, 9)), model.init_state(4))
+        assert len(calls) == 2
+        for layer, layer_input, layer_state, h_mask, layer_output in calls:
+            assert h_mask is None
+            assert torch.equal(lstm_window(layer, layer_input, layer_state)[0], layer_output)
 
 
 def test_replay_check_detects_recurrent_dropout():
