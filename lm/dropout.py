@@ -9,6 +9,8 @@
   the placement the paper warns against.
 - ``none``.
 
+The model draws the masks on h_{t-1}; ``lm.recurrence`` applies them inside the
+layer's time loop (the fused kernels cannot take them).
 Weight dropping (DropConnect on the hidden-to-hidden matrix) is ``WeightDrop``,
 a ``torch.nn.utils.parametrize`` parametrization: no patching of ``nn.LSTM``.
 All masks are inverted (scaled by 1/(1-p) at training time).
