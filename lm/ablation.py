@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lm.checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from lm.report import new_figure, save_epoch_plot
 
 ORDER = ["none", "zaremba", "recurrent", "variational", "zaremba_tied", "variational_wd"]
 COPIED = ("metrics.json", "train.log")
@@ -99,24 +100,11 @@ def render(data: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = new_figure((7, 4.5))
     for name, r in data["placements"].items():
         curve = r["valid_curve"]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Dropout placements (same network and schedule)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
-    plt.close(fig)
+    save_epoch_plot(fig, ax, "Dropout placements (same network and schedule)", "validation perplexity", out)
 
 
 def write_ablation(runs_root: Path, out: Path) -> str:

@@ -24,10 +24,15 @@ from torch import nn
 VARIANTS = ("zaremba", "variational", "recurrent", "none")
 
 
+def inverted_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros with probability p, 1/(1-p) elsewhere: every mask of every strategy."""
+    keep = 1.0 - p
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep) / keep
+
+
 def locked_mask(batch: int, features: int, p: float, like: torch.Tensor) -> torch.Tensor:
     """A [batch, 1, features] mask, broadcast over time: the same units dropped at every step."""
-    keep = 1.0 - p
-    return torch.empty(batch, 1, features, dtype=like.dtype, device=like.device).bernoulli_(keep) / keep
+    return inverted_mask((batch, 1, features), p, like.dtype, like.device)
 
 
 def word_mask(ids: torch.Tensor, vocab_size: int, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -36,8 +41,7 @@ def word_mask(ids: torch.Tensor, vocab_size: int, p: float, dtype: torch.dtype) 
     Every occurrence of a dropped word in a row is zeroed, as if its embedding
     row were removed for that sequence (Gal & Ghahramani's embedding dropout).
     """
-    keep = 1.0 - p
-    per_type = torch.empty(ids.size(0), vocab_size, dtype=dtype, device=ids.device).bernoulli_(keep) / keep
+    per_type = inverted_mask((ids.size(0), vocab_size), p, dtype, ids.device)
     return per_type.gather(1, ids).unsqueeze(-1)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
-from lm.dropout import VARIANTS, WeightDrop, locked_mask, word_mask
+from lm.dropout import VARIANTS, WeightDrop, inverted_mask, locked_mask, word_mask
 from lm.recurrence import lstm_window
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
@@ -104,9 +104,8 @@ class LSTMLanguageModel(nn.Module):
 
     def _recurrent_mask(self, h: torch.Tensor) -> torch.Tensor:
         """[batch, H] for variational (the same at every step), [time, batch, H] for recurrent (fresh per step)."""
-        keep = 1.0 - self.dropout_recurrent
         shape = (h.size(0), self.hidden_size) if self.variant == "variational" else (h.size(1), h.size(0), self.hidden_size)
-        return torch.empty(shape, dtype=torch.float32, device=h.device).bernoulli_(keep) / keep
+        return inverted_mask(shape, self.dropout_recurrent, torch.float32, h.device)
 
     def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """The fused kernel (oneDNN / cuDNN), which nothing can reach inside, unless training

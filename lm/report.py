@@ -31,6 +31,7 @@ FOLLOW_UPS: dict[str, tuple[str, float, float]] = {
     "gal_medium": ("Gal & Ghahramani 2016, variational (medium)", 81.9, 79.7),
     "gal_large": ("Gal & Ghahramani 2016, variational (large)", 77.9, 75.2),
 }
+REFERENCE_ROWS = {**PAPER_TABLE_1, **FOLLOW_UPS}  # every preset with a published number
 # Table 1, model averaging: {experiment: [(number of models, valid, test), ...]}.
 PAPER_AVERAGES: dict[str, list[tuple[int, float, float]]] = {
     "zaremba_small": [(2, 100.4, 96.1), (5, 87.9, 84.1), (10, 83.5, 80.0)],
@@ -97,7 +98,7 @@ def comparison_table(runs: list[Run]) -> str:
     ablation's placements, differ in config under one name and are listed per run)."""
     by_name: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        if r.metrics.get("completed", True) and r.name in {**PAPER_TABLE_1, **FOLLOW_UPS}:  # smoke runs are listed below
+        if r.metrics.get("completed", True) and r.name in REFERENCE_ROWS:  # smoke runs are listed below
             by_name[r.name].append(r)
     header = (
         "| experiment | runs | valid (ours) | test (ours, paper protocol) | paper row | paper valid | paper test | gap test |\n"
@@ -108,7 +109,7 @@ def comparison_table(runs: list[Run]) -> str:
         group = by_name[name]
         valid = [r.metrics["valid_ppl"] for r in group]
         test = [r.metrics["test_ppl"] for r in group]
-        paper = PAPER_TABLE_1.get(name) or FOLLOW_UPS.get(name)
+        paper = REFERENCE_ROWS.get(name)
         if paper:
             label, p_valid, p_test = paper
             gap = f"{statistics.mean(test) - p_test:+.2f}"
@@ -158,29 +159,41 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
     return "\n".join(parts)
 
 
-def plot_curve(run: Run, out: Path) -> None:
+def new_figure(figsize: tuple[float, float]):
+    """A (fig, ax) pair drawn off-screen (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = run.metrics["epochs"]
-    xs = [e["epoch"] for e in epochs]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(xs, [e["train_ppl"] for e in epochs], marker="o", label="train")
-    ax.plot(xs, [e["valid_ppl"] for e in epochs], marker="o", label="valid")
-    paper = PAPER_TABLE_1.get(run.name)
-    if paper:
-        ax.axhline(paper[1], color="gray", linestyle="--", linewidth=1, label=f"paper valid {paper[1]}")
+    return plt.subplots(figsize=figsize, dpi=100)
+
+
+def save_epoch_plot(fig, ax, title: str, ylabel: str, out: Path) -> None:
+    """Perplexity per epoch on a log axis, written atomically as PNG (same inputs, same bytes)."""
+    import matplotlib.pyplot as plt
+
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{run.name} (seed {run.metrics['seed']})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     atomic_write(out, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
     plt.close(fig)
+
+
+def plot_curve(run: Run, out: Path) -> None:
+    epochs = run.metrics["epochs"]
+    xs = [e["epoch"] for e in epochs]
+    fig, ax = new_figure((6, 4))
+    ax.plot(xs, [e["train_ppl"] for e in epochs], marker="o", label="train")
+    ax.plot(xs, [e["valid_ppl"] for e in epochs], marker="o", label="valid")
+    paper = PAPER_TABLE_1.get(run.name)
+    if paper:
+        ax.axhline(paper[1], color="gray", linestyle="--", linewidth=1, label=f"paper valid {paper[1]}")
+    save_epoch_plot(fig, ax, f"{run.name} (seed {run.metrics['seed']})", "perplexity", out)
 
 
 START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"

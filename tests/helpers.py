@@ -52,3 +52,21 @@ def record_layer_calls(monkeypatch) -> list[tuple]:
 
     monkeypatch.setattr(lm.model, "lstm_window", recording)
     return calls
+
+
+def reference_lstm(layer, x, state, h_masks):
+    """The LSTM equations step by step, with h_masks[t] on h_{t-1} (gate order i, f, g, o):
+    what nn.LSTM and lm.recurrence must compute. Returns (outputs, (h, c)) like nn.LSTM."""
+    import torch
+    from torch import nn
+
+    h, c = state[0][0], state[1][0]
+    outputs = []
+    for t in range(x.size(1)):
+        gates = nn.functional.linear(x[:, t], layer.weight_ih_l0, layer.bias_ih_l0) + \
+            nn.functional.linear(h * h_masks[t], layer.weight_hh_l0, layer.bias_hh_l0)
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, 1), (h.unsqueeze(0), c.unsqueeze(0))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import lm.model
 from lm.data import batchify
 from lm.evaluate import evaluate, evaluate_mc
 from lm.model import LSTMLanguageModel
 
-from helpers import record_layer_calls
+from helpers import record_layer_calls, reference_lstm
 
 V, H = 30, 8
 
@@ -115,20 +114,6 @@ def test_variational_embedding_drops_word_types_in_the_whole_sequence():
     assert dropped.any() and not dropped.all()
 
 
-def reference_loop(layer, x, state, h_masks):
-    """The LSTM equations step by step, with h_masks[t] on h_{t-1} (gate order i, f, g, o)."""
-    h, c = state[0][0], state[1][0]
-    outputs = []
-    for t in range(x.size(1)):
-        gates = nn.functional.linear(x[:, t], layer.weight_ih_l0, layer.bias_ih_l0) + \
-            nn.functional.linear(h * h_masks[t], layer.weight_hh_l0, layer.bias_hh_l0)
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outputs.append(h)
-    return torch.stack(outputs, 1)
-
-
 def test_variational_recurrent_mask_is_one_per_row_on_h_only(monkeypatch):
     calls = record_layer_calls(monkeypatch)
     model = make("variational", dropout_recurrent=0.5).train()
@@ -138,7 +123,7 @@ def test_variational_recurrent_mask_is_one_per_row_on_h_only(monkeypatch):
     for layer, layer_input, state, h_mask, out in calls:
         assert h_mask.shape == (3, H)  # one mask per row, shared by every step
         assert set(h_mask.unique().tolist()) == {0.0, 2.0}  # inverted dropout at rate 0.5
-        assert torch.allclose(out, reference_loop(layer, layer_input, state, [h_mask] * 6), atol=1e-6)
+        assert torch.allclose(out, reference_lstm(layer, layer_input, state, [h_mask] * 6)[0], atol=1e-6)
         fused, _ = layer(layer_input, state)
         assert not torch.allclose(out, fused, atol=1e-4)  # the mask really reached h_{t-1}
 
@@ -151,7 +136,7 @@ def test_recurrent_variant_masks_the_recurrent_input_afresh_every_step(monkeypat
     for layer, layer_input, state, h_mask, out in calls:
         assert h_mask.shape == (9, 4, H)  # [time, batch, H]: one mask per step
         assert len({tuple(m.flatten().tolist()) for m in h_mask}) > 1  # fresh at every step
-        assert torch.allclose(out, reference_loop(layer, layer_input, state, h_mask), atol=1e-6)
+        assert torch.allclose(out, reference_lstm(layer, layer_input, state, h_mask)[0], atol=1e-6)
         fused, _ = layer(layer_input, state)
         assert not torch.allclose(out, fused, atol=1e-4)
 

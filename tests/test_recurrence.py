@@ -7,6 +7,8 @@ import torch
 
 from lm.recurrence import lstm_window
 
+from helpers import reference_lstm
+
 B, T, H = 3, 7, 5
 
 
@@ -53,19 +55,8 @@ def test_mask_on_h_matches_the_step_by_step_equations(problem, per_step):
     shape = (T, B, H) if per_step else (B, H)
     mask = (torch.rand(shape) > 0.5).float() * 2
 
-    def reference():
-        h, c = state[0][0], state[1][0]
-        outs = []
-        for t in range(T):
-            m = mask[t] if per_step else mask
-            gates = x[:, t] @ layer.weight_ih_l0.t() + layer.bias_ih_l0 + (h * m) @ layer.weight_hh_l0.t() + layer.bias_hh_l0
-            i, f, g, o = gates.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outs.append(h)
-        return torch.stack(outs, 1), (h.unsqueeze(0), c.unsqueeze(0))
-
-    expected = _run(reference, layer, x, state)
+    masks = mask if per_step else [mask] * T
+    expected = _run(lambda: reference_lstm(layer, x, state, masks), layer, x, state)
     got = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=1e-5)
