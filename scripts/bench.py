@@ -6,8 +6,10 @@ with the same math in fp32 (embedding + multi-layer ``nn.LSTM`` + linear, loss s
 over time / batch, global clipping, SGD), the evaluation tokens/s under both protocols
 and the reference's batched evaluation, the ratios, and the fraction of the fp32 / bf16
 matrix-multiply ceilings measured in the same run. Medians over repetitions after
-warm-up. Prints a table and the issue's targets, and writes ``results/bench.json``.
-Run it on an otherwise idle machine.
+warm-up; the compared steps take turns within each repetition and each ratio is the
+median of side-by-side ratios, so a drift in machine speed does not tilt it. Prints a
+table and the issue's targets, and writes ``results/bench.json``. Run it on an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -83,8 +85,21 @@ def reference_eval(model: ReferenceLM, data: torch.Tensor, bptt: int, hidden_siz
     return time.perf_counter() - start
 
 
-def median_rate(fn, tokens: int, reps: int) -> float:
-    return statistics.median(tokens / fn() for _ in range(reps))
+def interleaved_rates(timers: dict, tokens: int, reps: int) -> dict[str, list[float]]:
+    """Tokens/s of each timer (a function returning seconds), one after another within each repetition,
+    so that a drift of the machine's speed (another tenant, the clock) touches every timer alike."""
+    for fn in timers.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(reps):
+        for name, fn in timers.items():
+            rates[name].append(tokens / fn())
+    return rates
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of a / b measured side by side."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def matmul_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), reps: int = 10) -> float:
@@ -149,33 +164,33 @@ def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
 
     ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init)
     opt = torch.optim.SGD(ours.parameters(), lr=1.0, foreach=True)
-    rates = {}
-    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        train_epoch(ours, windows[:2], opt, 5.0, autocast_dtype=dtype)  # warm-up
-        rates[precision] = median_rate(lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=dtype).seconds, tokens, reps)
-    ours_rate = rates["fp32"]
-
     ref = ReferenceLM(hidden, dropout)
-    reference_steps(ref, windows[:2], hidden)
-    ref_rate = median_rate(lambda: reference_steps(ref, windows, hidden), tokens, reps)
-
-    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, reps)
+    train = interleaved_rates({
+        "fp32": lambda: train_epoch(ours, windows, opt, 5.0).seconds,
+        "bf16": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16).seconds,
+        "reference": lambda: reference_steps(ref, windows, hidden),
+    }, tokens, reps)
     eval_ids = stream[: tokens + 1]
-    stream_rate = median_rate(lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500)), tokens, reps)
-    batched_rate = median_rate(lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt)), tokens, reps)
-    ref_eval_rate = median_rate(lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden), tokens, reps)
+    evals = interleaved_rates({
+        "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500)),
+        "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt)),
+        "reference": lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden),
+    }, tokens, reps)
+    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, reps)
+    median = statistics.median
     return {
         "hidden_size": hidden,
         "bptt": bptt,
-        "train_tokens_per_s": ours_rate,
-        "train_bf16_tokens_per_s": rates["bf16"],
-        "reference_train_tokens_per_s": ref_rate,
-        "train_ratio": ours_rate / ref_rate,
-        "train_bf16_ratio": rates["bf16"] / ref_rate,
-        "eval_stream_tokens_per_s": stream_rate,
-        "eval_batched_tokens_per_s": batched_rate,
-        "reference_eval_batched_tokens_per_s": ref_eval_rate,
-        "eval_stream_ratio": stream_rate / ref_eval_rate,
+        "train_tokens_per_s": median(train["fp32"]),
+        "train_bf16_tokens_per_s": median(train["bf16"]),
+        "reference_train_tokens_per_s": median(train["reference"]),
+        "train_ratio": paired_ratio(train["fp32"], train["reference"]),
+        "train_bf16_ratio": paired_ratio(train["bf16"], train["reference"]),
+        "eval_stream_tokens_per_s": median(evals["stream"]),
+        "eval_batched_tokens_per_s": median(evals["batched"]),
+        "reference_eval_batched_tokens_per_s": median(evals["reference"]),
+        "eval_stream_ratio": paired_ratio(evals["stream"], evals["reference"]),
+        "repetitions": {"train": train, "eval": evals},
         "bf16_gemm_only_tokens_per_s": BATCH * bptt / gemms["seconds"],
         "bf16_gemm_gflops_at_step_shapes": gemms["gflops"],
         "train_flop_per_token": train_flops_per_token(hidden),
@@ -197,14 +212,14 @@ def bench_variants(windows_per_rep: int, reps: int) -> dict:
     data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH)
     windows = bptt_windows(data, bptt)[:windows_per_rep]
     tokens = sum(y.numel() for _, y in windows)
-    out = {}
+    timers = {}
     for name, (variant, rates) in VARIANT_RATES.items():
         model = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-        train_epoch(model, windows[:2], opt, 5.0)
-        out[name] = median_rate(lambda: train_epoch(model, windows, opt, 5.0).seconds, tokens, reps)
-    base = out["zaremba"]
-    return {name: {"train_tokens_per_s": rate, "slowdown_vs_zaremba": base / rate} for name, rate in out.items()}
+        timers[name] = lambda model=model, opt=opt: train_epoch(model, windows, opt, 5.0).seconds
+    out = interleaved_rates(timers, tokens, reps)
+    return {name: {"train_tokens_per_s": statistics.median(rates), "slowdown_vs_zaremba": paired_ratio(out["zaremba"], rates)}
+            for name, rates in out.items()}
 
 
 def check_targets(results: dict, fp32: float, bf16: float) -> list[dict]:
@@ -223,9 +238,10 @@ def check_targets(results: dict, fp32: float, bf16: float) -> list[dict]:
             other = 1 - r["train_bf16_ratio"] / shapes
             out.append({"target": f"{name}: ours bf16 >= {goal}x fp32 reference", "measured": r["train_bf16_ratio"],
                         "met": r["train_bf16_ratio"] >= goal,
-                        "why": f"bound {ceiling:.2f}x at the bf16 ceiling, {shapes:.2f}x from the step's products alone "
-                               f"at their shapes ({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s); "
-                               f"the other {other:.0%} of our step is element-wise, loss and optimizer work"})
+                        "why": f"bound {ceiling:.2f}x at the bf16 ceiling; the step's products timed alone at their own "
+                               f"shapes ({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s) would allow {shapes:.2f}x and "
+                               f"fill {1 - other:.0%} of our step; the other {other:.0%} is element-wise, dropout, loss "
+                               f"and optimizer work"})
     for name, r in results.items():
         # the reference's batched evaluation already runs at this fraction of the fp32 ceiling; any protocol at
         # fp32 can beat it by at most 1 / fraction, in bf16 by at most (bf16 / fp32) / fraction
