@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
-from lm.dropout import VARIANTS, WeightDrop, inverted_mask, locked_mask, word_mask
+from lm.dropout import VARIANTS, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
 from lm.recurrence import lstm_window
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
@@ -63,7 +63,7 @@ class LSTMLanguageModel(nn.Module):
         # is on the embedding output, drops[l] on the output of layer l
         # (zaremba and recurrent variants; rate 0 otherwise).
         fresh_rate = dropout if variant in ("zaremba", "recurrent") else 0.0
-        self.drops = nn.ModuleList(nn.Dropout(fresh_rate) for _ in range(num_layers + 1))
+        self.drops = nn.ModuleList(FreshDropout(fresh_rate) for _ in range(num_layers + 1))
         self.decoder = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
             self.decoder.weight = self.embedding.weight

@@ -171,3 +171,24 @@ def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corp
     metrics = train(train_config(tiny_overrides(shared_tiny_corpus, *overrides, "trainer.max_steps=3")), tmp_path)
     assert metrics["steps"] == 3 and metrics["test_ppl"] < 100
     assert metrics["config"]["model"]["dropout_variant"] == overrides[0].split("=")[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.65])
+def test_fresh_dropout_gives_nn_dropouts_numbers_and_leaves_the_generator_where_it_does(dtype, p):
+    """The faster CPU draws must not change a single number of a run (committed results stay reproducible)."""
+    from lm.dropout import FreshDropout, inverted_mask
+
+    contiguous = torch.randn(7, 5, 13).to(dtype)
+    transposed = torch.randn(5, 7, 13).to(dtype).transpose(0, 1)  # as a batch-first LSTM returns its output
+    for x in (contiguous, transposed):
+        torch.manual_seed(4)
+        expected, expected_next = torch.nn.Dropout(p)(x), torch.rand(3)
+        torch.manual_seed(4)
+        got, got_next = FreshDropout(p)(x), torch.rand(3)
+        assert torch.equal(got, expected) and torch.equal(got_next, expected_next)
+        assert 0 < (got == 0).sum() < got.numel()
+    torch.manual_seed(4)
+    old_mask = torch.empty(7, 13, dtype=dtype).bernoulli_(1 - p) / (1 - p)
+    torch.manual_seed(4)
+    assert torch.equal(inverted_mask((7, 13), p, dtype, torch.device("cpu")), old_mask)
