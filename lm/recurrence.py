@@ -49,10 +49,9 @@ class LSTMWindow(torch.autograd.Function):
                     gates = x_proj[t] + torch.mm(h_in[t], w_t)
                 a = acts[t]
                 torch.sigmoid(gates, out=a)
-                a[:, 2 * hidden:3 * hidden] = gates[:, 2 * hidden:3 * hidden].tanh()
+                torch.tanh(gates[:, 2 * hidden:3 * hidden], out=a[:, 2 * hidden:3 * hidden])
                 i, f, g, o = a.chunk(4, 1)
-                c = torch.addcmul(f * c, i, g)
-                cells[t + 1] = c
+                c = torch.addcmul(f * c, i, g, out=cells[t + 1])
                 torch.tanh(c, out=tanh_c[t])
                 h = torch.mul(o, tanh_c[t], out=outputs[t])
             ctx.save_for_backward(acts, cells, tanh_c, h_in, w, h_mask)
