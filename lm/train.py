@@ -312,6 +312,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     start_epoch = global_step = 0
     best_valid = math.inf
     partial: EpochProgress | None = None
+    wall_before, sessions = 0.0, 1  # wall time and processes of this run before this one (resumes)
 
     resume_path = resolve_resume(cfg.trainer.resume, out_dir)
     if resume_path is not None:
@@ -324,6 +325,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         best_valid = ckpt["best_valid_ppl"]
         if ckpt.get("partial_epoch"):
             partial = _local_progress(EpochProgress.from_dict(ckpt["partial_epoch"]), group, cfg.data.batch_size, device)
+        # checkpoints from before this was recorded: the time their epochs and evaluations took
+        wall_before = ckpt.get("wall_seconds", sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in history)
+                               + (partial.seconds if partial else 0.0))
+        sessions = ckpt.get("sessions", 1) + 1
         where = f"epoch {start_epoch + 1}, window {partial.window}" if partial else f"the end of epoch {start_epoch}"
         log.info("resumed from %s at %s (step %d)", resume_path, where, global_step)
 
@@ -342,6 +347,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
             "history": history,
             "best_valid_ppl": best_valid,
             "partial_epoch": partial_epoch.to_dict() if partial_epoch else None,
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "sessions": sessions,
         }, before_commit=lambda: fault_point("checkpoint", epoch_done))
 
     log.info(
@@ -444,7 +451,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "completed": len(history) == cfg.trainer.epochs and history[-1]["steps"] == len(windows) if history else False,
         "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
-        "wall_seconds": time.perf_counter() - wall_start,
+        "wall_seconds": wall_before + time.perf_counter() - wall_start,  # summed over resumes
+        "sessions": sessions,
         "parameters": count_parameters(model),
         "seed": cfg.trainer.seed,
         "config": config_dict,

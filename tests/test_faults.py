@@ -95,6 +95,9 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_bit_identically(tiny_corpus, 
     monkeypatch.delenv("LM_FAULT")
     resumed = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.resume=auto")), tmp_path / "b")
     assert _deterministic(resumed) == _deterministic(straight)
+    # the wall time of a resumed run counts both processes
+    assert straight["sessions"] == 1 and resumed["sessions"] == 2
+    assert resumed["wall_seconds"] > ckpt["wall_seconds"] > 0
 
 
 def _poison_forward(monkeypatch, at_call: int) -> None:
