@@ -57,8 +57,9 @@ def evaluate_mixture(
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     log_k = math.log(len(models))
-    for x, y in bptt_windows(data, window):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    # the split goes to the device once: a copy per window from pageable memory would make
+    # the host wait for the GPU at every window
+    for x, y in bptt_windows(data.to(device), window):
         if len(models) == 1:  # plain evaluation: the loss the trainer reports
             logits, states[0] = models[0](x, states[0])
             nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").double()

@@ -303,7 +303,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
             f"data.bptt {cfg.data.bptt} is not shorter than each of the {cfg.data.batch_size} training streams "
             f"({train_data.size(1)} tokens): lower data.bptt or data.batch_size"
         )
-    windows = bptt_windows(train_data[group.rows(cfg.data.batch_size)], cfg.data.bptt)  # this rank's streams
+    # this rank's streams, on the device once (a per-step copy from pageable memory would sync the host on GPU)
+    windows = bptt_windows(train_data[group.rows(cfg.data.batch_size)].to(device), cfg.data.bptt)
 
     torch.manual_seed(cfg.trainer.seed)
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)

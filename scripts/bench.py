@@ -10,6 +10,11 @@ warm-up; the compared steps take turns within each repetition and each ratio is 
 median of side-by-side ratios, so a drift in machine speed does not tilt it. Prints a
 table and the issue's targets, and writes ``results/bench.json``. Run it on an
 otherwise idle machine.
+
+``--device cuda`` runs the same comparison on a GPU (cuDNN for the zaremba layers and the
+reference; every timing waits for the device) and also counts the host synchronisations
+of one training epoch (``torch.cuda.set_sync_debug_mode``), which should not grow with
+the number of steps.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +46,7 @@ SIZES = {  # hidden, bptt, dropout, init (the paper's recipes)
     "large": (1500, 35, 0.65, 0.04),
 }
 VOCAB, BATCH, LAYERS = 10_000, 20, 2
+CPU = torch.device("cpu")
 
 
 class ReferenceLM(nn.Module):
@@ -59,8 +66,10 @@ class ReferenceLM(nn.Module):
 
 def reference_steps(model: ReferenceLM, windows, hidden_size: int) -> float:
     """Seconds for one pass over ``windows`` with the reference loop (time-major)."""
+    device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    h = (torch.zeros(LAYERS, BATCH, hidden_size), torch.zeros(LAYERS, BATCH, hidden_size))
+    h = (torch.zeros(LAYERS, BATCH, hidden_size, device=device), torch.zeros(LAYERS, BATCH, hidden_size, device=device))
+    _sync(device)
     start = time.perf_counter()
     for x, y in windows:
         h = (h[0].detach(), h[1].detach())
@@ -70,18 +79,22 @@ def reference_steps(model: ReferenceLM, windows, hidden_size: int) -> float:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+    _sync(device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
 def reference_eval(model: ReferenceLM, data: torch.Tensor, bptt: int, hidden_size: int) -> float:
     model.eval()
-    h = (torch.zeros(LAYERS, data.size(0), hidden_size), torch.zeros(LAYERS, data.size(0), hidden_size))
+    device = next(model.parameters()).device
+    h = (torch.zeros(LAYERS, data.size(0), hidden_size, device=device), torch.zeros(LAYERS, data.size(0), hidden_size, device=device))
+    _sync(device)
     start = time.perf_counter()
     for x, y in bptt_windows(data, bptt):
         out, h = model(x.t(), h)
         F.cross_entropy(out.reshape(-1, VOCAB), y.t().reshape(-1), reduction="sum")
     model.train()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -102,17 +115,15 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def matmul_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), reps: int = 10) -> float:
+def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10) -> float:
     """The machine's matrix-multiply ceiling: the best rate over square sizes and repetitions
     (a median of one size undershoots, and a ceiling must not be below what a model reaches)."""
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in (4096, 8192) if device.type == "cuda" else (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b
         for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+            best = max(best, 2 * n**3 / _timed(lambda: a @ b, device) / 1e9)
     return best
 
 
@@ -133,15 +144,15 @@ def step_gemms(hidden: int, bptt: int) -> list[tuple[str, int, int, int, int]]:
     ]
 
 
-def gemm_seconds(hidden: int, bptt: int, dtype: torch.dtype, reps: int = 5) -> dict:
+def gemm_seconds(hidden: int, bptt: int, dtype: torch.dtype, device: torch.device = CPU, reps: int = 5) -> dict:
     """Time of the window's products alone, each at its own shape (median of ``reps``): what the step
     would cost if everything else in it were free, and the rate the machine reaches at these shapes."""
     total, flop = 0.0, 0.0
     for _, m, k, n, count in step_gemms(hidden, bptt):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         calls = min(count, 8)
-        seconds = statistics.median(_timed(lambda: [a @ b for _ in range(calls)]) / calls for _ in range(reps))
+        seconds = statistics.median(_timed(lambda: [a @ b for _ in range(calls)], device) / calls for _ in range(reps))
         total += count * seconds
         flop += count * 2 * m * k * n
     return {"seconds": total, "gflops": flop / total / 1e9}
@@ -154,17 +165,16 @@ def train_flops_per_token(hidden: int) -> float:
     return 3 * 2 * (lstm + softmax)
 
 
-def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
+def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device) -> dict:
     hidden, bptt, dropout, init = SIZES[name]
     torch.manual_seed(0)
-    stream = torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),))
-    data = batchify(stream, BATCH)
-    windows = bptt_windows(data, bptt)[:windows_per_rep]
+    stream = torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)).to(device)
+    windows = bptt_windows(batchify(stream, BATCH), bptt)[:windows_per_rep]
     tokens = sum(y.numel() for _, y in windows)
 
-    ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init)
+    ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init).to(device)
     opt = torch.optim.SGD(ours.parameters(), lr=1.0, foreach=True)
-    ref = ReferenceLM(hidden, dropout)
+    ref = ReferenceLM(hidden, dropout).to(device)
     train = interleaved_rates({
         "fp32": lambda: train_epoch(ours, windows, opt, 5.0).seconds,
         "bf16": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16).seconds,
@@ -172,11 +182,11 @@ def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
     }, tokens, reps)
     eval_ids = stream[: tokens + 1]
     evals = interleaved_rates({
-        "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500)),
-        "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt)),
+        "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500), device),
+        "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt), device),
         "reference": lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden),
     }, tokens, reps)
-    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, reps)
+    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, device, reps)
     median = statistics.median
     return {
         "hidden_size": hidden,
@@ -195,7 +205,22 @@ def bench_size(name: str, windows_per_rep: int, reps: int) -> dict:
         "bf16_gemm_gflops_at_step_shapes": gemms["gflops"],
         "train_flop_per_token": train_flops_per_token(hidden),
         "eval_flop_per_token": train_flops_per_token(hidden) / 3,
+        "host_syncs": host_syncs(ours, windows, opt) if device.type == "cuda" else None,
     }
+
+
+def host_syncs(model: LSTMLanguageModel, windows, opt) -> dict:
+    """Host synchronisations that torch reports during one training pass over ``windows``
+    (no logging inside it): a fixed few at the end of the pass, none per step."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_epoch(model, windows, opt, 5.0, log_every=len(windows) + 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {"windows": len(windows), "syncs": len(syncs), "first": syncs[:3]}
 
 
 VARIANT_RATES = {  # dropout strategies at the medium size: (variant, model keyword rates)
@@ -205,16 +230,16 @@ VARIANT_RATES = {  # dropout strategies at the medium size: (variant, model keyw
 }
 
 
-def bench_variants(windows_per_rep: int, reps: int) -> dict:
+def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dict:
     """Training tokens/s of each dropout strategy at the medium size (custom loop vs fused kernel)."""
     hidden, bptt, dropout, init = SIZES["medium"]
     torch.manual_seed(0)
-    data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH)
+    data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH).to(device)
     windows = bptt_windows(data, bptt)[:windows_per_rep]
     tokens = sum(y.numel() for _, y in windows)
     timers = {}
     for name, (variant, rates) in VARIANT_RATES.items():
-        model = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates)
+        model = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
         timers[name] = lambda model=model, opt=opt: train_epoch(model, windows, opt, 5.0).seconds
     out = interleaved_rates(timers, tokens, reps)
@@ -253,9 +278,17 @@ def check_targets(results: dict, fp32: float, bf16: float) -> list[dict]:
     return out
 
 
-def _timed(fn) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device = CPU) -> float:
+    """Seconds of ``fn``, including the device work it queued."""
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -265,23 +298,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", action="store_true", help="also time the dropout strategies at the medium size")
-    parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default results/bench.json (cpu), results/bench-cuda.json (cuda)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    out_path = args.out or ("results/bench.json" if device.type == "cpu" else "results/bench-cuda.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or (["small", "medium"] if args.quick else list(SIZES))
     windows, reps = (3, 3) if args.quick else (20, 5)
-    fp32 = matmul_gflops(torch.float32)
-    bf16 = matmul_gflops(torch.bfloat16)
+    fp32 = matmul_gflops(torch.float32, device)
+    bf16 = matmul_gflops(torch.bfloat16, device)
     results = {}
     for name in sizes:
-        r = bench_size(name, windows if name != "large" else max(2, windows // 4), reps)
+        r = bench_size(name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device)
         r["fraction_of_fp32_matmul_ceiling"] = r["train_tokens_per_s"] * r["train_flop_per_token"] / (fp32 * 1e9)
         r["bf16_fraction_of_bf16_matmul_ceiling"] = r["train_bf16_tokens_per_s"] * r["train_flop_per_token"] / (bf16 * 1e9)
         r["reference_eval_fraction_of_fp32_ceiling"] = (
             r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9))
         results[name] = r
-    print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {where}")
     print(f"{'size':<7} {'ours fp32':>9} {'ours bf16':>9} {'reference':>9} {'fp32 x':>6} {'bf16 x':>6} "
           f"{'eval stream':>11} {'eval batched':>12} {'ref eval':>8} {'stream x':>8} {'fp32 ceil':>9} {'bf16 ceil':>9}")
     for name, r in results.items():
@@ -292,9 +331,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {r['bf16_fraction_of_bf16_matmul_ceiling']:>9.0%}"
         )
     targets = check_targets(results, fp32, bf16)
+    for name, r in results.items():
+        if r["host_syncs"] is not None:
+            print(f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of {r['host_syncs']['windows']} training windows")
     for t in targets:
         print(f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}" + (f" ({t['why']})" if t.get("why") else ""))
-    variants = bench_variants(windows, reps) if args.variants else None
+    variants = bench_variants(windows, reps, device) if args.variants else None
     if variants:
         print("dropout strategies at medium: " + ", ".join(
             f"{n} {v['train_tokens_per_s']:,.0f} tok/s ({v['slowdown_vs_zaremba']:.2f}x)" for n, v in variants.items()))
@@ -302,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "variants_medium": variants,
         "threads": torch.get_num_threads(),
+        "device": where if device.type == "cuda" else "cpu",
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        if device.type == "cuda" else None,
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -309,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": results,
         "targets": targets,
     }
-    atomic_write_json(args.out, report)
-    print(f"wrote {args.out}")
+    atomic_write_json(out_path, report)
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,16 @@ def test_timers_take_turns_and_ratios_pair_them():
     assert calls == ["ours", "ref"] * 4  # one warm-up round, then three side by side
     assert all(a > b for a, b in zip(rates["ours"], rates["ref"]))  # ours ran first in each round
     assert bench.paired_ratio([4.0, 2.0, 1.0], [2.0, 1.0, 0.5]) == 2.0
+
+
+def test_cuda_bench_without_a_gpu_is_refused(capsys):
+    """--device cuda on a machine torch sees no GPU on: one line and exit code 2, nothing written."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--device", "cuda", "--quick", "--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    assert "--device cuda: torch sees no GPU here" in capsys.readouterr().err
