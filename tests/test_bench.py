@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -61,10 +62,7 @@ def test_timers_take_turns_and_ratios_pair_them():
 
 def test_cuda_bench_without_a_gpu_is_refused(capsys):
     """--device cuda on a machine torch sees no GPU on: one line and exit code 2, nothing written."""
-    import pytest
-    import torch
-
-    if torch.cuda.is_available():
+    if bench.torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit) as stop:
         bench.main(["--device", "cuda", "--quick", "--out", "/nonexistent/never-written.json"])
