@@ -119,6 +119,12 @@ class LSTMLanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> logits [batch, time, vocab] and the final state."""
+        h, new_state = self.features(x, state)
+        return self.decoder(h), new_state
+
+    def features(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """x: [batch, time] ids -> the decoder's input [batch, time, hidden] (after the top dropout)
+        and the final state. Training feeds it to ``lm.loss.summed_nll``, which fuses the decoder."""
         h = self.embedding(x)
         variational = self.variant == "variational"
         if variational:
@@ -137,7 +143,7 @@ class LSTMLanguageModel(nn.Module):
                 else:
                     h = drop(h)
                 new_state.append(layer_state)
-        return self.decoder(h), new_state
+        return h, new_state
 
 
 def detach_state(state: State) -> State:

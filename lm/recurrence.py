@@ -1,17 +1,21 @@
 """One LSTM layer over a BPTT window as a single autograd Function (the training path).
 
 Why not ``nn.LSTM`` for training on CPU: its oneDNN backward runs far below the
-matrix-multiply ceiling, in fp32 and more so in bf16. Here the time loop does only
-what must be sequential (one [batch, H] x [H, 4H] product and the gate arithmetic
-per step); the input projection before it, and the input and recurrent weight
-gradients after it, are one large product each over all steps, as cuDNN does.
-The same loop carries the masks on h_{t-1} of the variational and recurrent
-dropout variants, so every variant trains at the same speed.
+matrix-multiply ceiling, in bf16 above all, and it cannot mask h_{t-1}. Here the time
+loop does only what must be sequential (one [batch, H] x [H, 4H] product and the gate
+arithmetic per step); the input projection before it, and the input and recurrent
+weight gradients after it, are one large product each over all steps, as cuDNN does.
+The same loop carries the masks on h_{t-1} of the variational and recurrent dropout
+variants, so every variant trains at the same speed.
 
-Mixed precision: products run in ``compute_dtype`` (bf16 under autocast); gate
-pre-activations, the cell c and everything element-wise stay in fp32, so the
-carried state is fp32. Gate order i, f, g, o as in ``nn.LSTM``, whose parameters
-this reads (checkpoints are the same either way).
+Two implementations of the same equations: ``FusedLSTMWindow`` runs the compiled
+kernel of ``lm.kernels`` (CPU; the gate arithmetic of a step is one pass), and
+``LSTMWindow`` is the pure-PyTorch fallback (any device; a dozen ops per step).
+
+Mixed precision: products run in the compute dtype (bf16 under autocast); gate
+pre-activations, the cell c and everything element-wise stay in fp32, so the carried
+state is fp32. Gate order i, f, g, o as in ``nn.LSTM``, whose parameters this reads
+(checkpoints are the same either way).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Optional
 
 import torch
 
+from lm import kernels
+
 
 class LSTMWindow(torch.autograd.Function):
-    """Time-major: x_proj [T, B, 4H] (both biases included), h0/c0 [B, H], w_hh [4H, H];
+    """The pure-PyTorch window. Time-major: x_proj [T, B, 4H] (both biases included), h0/c0 [B, H], w_hh [4H, H];
     h_mask None, [B, H] (shared by every step) or [T, B, H] (one per step), already scaled."""
 
     @staticmethod
@@ -86,6 +92,28 @@ class LSTMWindow(torch.autograd.Function):
             return d_gates, dh, dc, d_w, None, None
 
 
+class FusedLSTMWindow(torch.autograd.Function):
+    """The compiled window (CPU). Batch-first: x_proj [B, T, 4H] in the compute dtype (both
+    biases included), h0/c0 [B, H] fp32, w_hh [4H, H] in the compute dtype, h_mask None,
+    [B, H] or [T, B, H] fp32 (already scaled). Outputs [B, T, H] and the final h, c in fp32."""
+
+    @staticmethod
+    def forward(ctx, x_proj, h0, c0, w_hh, h_mask):
+        out, h, c, acts, cells, tanh_c, h_in = kernels.fused().lstm_forward(x_proj, h0, c0, w_hh, h_mask)
+        ctx.save_for_backward(acts, cells, tanh_c, h_in, w_hh, h_mask)
+        return out, h, c
+
+    @staticmethod
+    def backward(ctx, d_out, d_h, d_c):
+        acts, cells, tanh_c, h_in, w_hh, h_mask = ctx.saved_tensors
+        batch, hidden = cells.size(1), cells.size(2)
+        zeros = lambda: torch.zeros(batch, hidden)  # noqa: E731  (a final state the loss never saw)
+        d_out = torch.zeros(batch, acts.size(0), hidden) if d_out is None else d_out
+        d_x, d_h0, d_c0, d_w = kernels.fused().lstm_backward(
+            d_out, zeros() if d_h is None else d_h, zeros() if d_c is None else d_c, acts, cells, tanh_c, h_in, w_hh, h_mask)
+        return d_x, d_h0, d_c0, d_w, None
+
+
 def lstm_window(
     layer: torch.nn.LSTM,
     x: torch.Tensor,
@@ -97,11 +125,18 @@ def lstm_window(
 
     Same call and result shapes as ``layer(x, state)``; ``w_hh`` replaces the
     recurrent weight (a weight-dropped one), ``h_mask`` masks h_{t-1}.
-    Under autocast the products run in the autocast dtype.
+    Under autocast the products run in the autocast dtype. The compiled kernel
+    runs where ``lm.kernels`` has one for the device, the fallback elsewhere.
     """
     device = x.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
     w_hh = layer.weight_hh_l0 if w_hh is None else w_hh
     x_proj = torch.nn.functional.linear(x, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
-    out, h, c = LSTMWindow.apply(x_proj.transpose(0, 1).float(), state[0][0], state[1][0], w_hh, h_mask, compute_dtype)
+    h0, c0 = state[0][0].float().contiguous(), state[1][0].float().contiguous()
+    if kernels.available(x.device):
+        with torch.autocast(device, enabled=False):
+            mask = None if h_mask is None else h_mask.float().contiguous()
+            out, h, c = FusedLSTMWindow.apply(x_proj.to(compute_dtype).contiguous(), h0, c0, w_hh.to(compute_dtype), mask)
+        return out, (h.unsqueeze(0), c.unsqueeze(0))
+    out, h, c = LSTMWindow.apply(x_proj.transpose(0, 1).float(), h0, c0, w_hh, h_mask, compute_dtype)
     return out.transpose(0, 1), (h.unsqueeze(0), c.unsqueeze(0))

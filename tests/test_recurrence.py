@@ -1,13 +1,21 @@
-"""The training time loop (lm.recurrence) computes nn.LSTM's function and gradients."""
+"""The training time loop (lm.recurrence) computes nn.LSTM's function and gradients, and the
+training loss (lm.loss) F.cross_entropy's: both the compiled kernels and the pure-PyTorch fallback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from lm import kernels
+from lm.loss import summed_nll
 from lm.recurrence import lstm_window
 
-from helpers import reference_lstm
+from helpers import REPO, reference_lstm
 
 B, T, H = 3, 7, 5
 
@@ -21,6 +29,20 @@ def _run(fn, layer, x, state):
     return [out.detach(), h.detach(), c.detach()] + [p.grad.clone() for p in [x, *state, *layer.parameters()]]
 
 
+@pytest.fixture(params=["fused", "pytorch"])
+def backend(request, monkeypatch):
+    """Each test runs on the compiled kernels and on the fallback (CI has a compiler: there the
+    kernels must build)."""
+    if request.param == "fused":
+        if kernels.fused() is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("the fused kernels did not build in CI")
+            pytest.skip("no compiler here: the fused kernels are unavailable")
+    else:
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    return request.param
+
+
 @pytest.fixture
 def problem():
     torch.manual_seed(0)
@@ -30,7 +52,7 @@ def problem():
     return layer, x, state
 
 
-def test_matches_nn_lstm_values_and_gradients(problem):
+def test_matches_nn_lstm_values_and_gradients(problem, backend):
     layer, x, state = problem
     expected = _run(lambda: layer(x, state), layer, x, state)
     got = _run(lambda: lstm_window(layer, x, state), layer, x, state)
@@ -38,7 +60,23 @@ def test_matches_nn_lstm_values_and_gradients(problem):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_bf16_autocast_is_close_and_keeps_fp32_state(problem):
+def test_saturated_gates_stay_finite_and_exact(backend):
+    """Large pre-activations (sigmoid at 0 or 1, tanh at +-1) must not overflow the kernel's exp."""
+    torch.manual_seed(1)
+    layer = torch.nn.LSTM(H, H, batch_first=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(40)
+    x = torch.randn(B, T, H, requires_grad=True)
+    state = (torch.zeros(1, B, H, requires_grad=True), torch.zeros(1, B, H, requires_grad=True))
+    expected = _run(lambda: layer(x, state), layer, x, state)
+    got = _run(lambda: lstm_window(layer, x, state), layer, x, state)
+    for a, b in zip(expected, got):
+        assert torch.isfinite(b).all()
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_bf16_autocast_is_close_and_keeps_fp32_state(problem, backend):
     layer, x, state = problem
     expected = _run(lambda: layer(x, state), layer, x, state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -50,7 +88,7 @@ def test_bf16_autocast_is_close_and_keeps_fp32_state(problem):
 
 
 @pytest.mark.parametrize("per_step", [False, True], ids=["shared mask", "mask per step"])
-def test_mask_on_h_matches_the_step_by_step_equations(problem, per_step):
+def test_mask_on_h_matches_the_step_by_step_equations(problem, backend, per_step):
     layer, x, state = problem
     shape = (T, B, H) if per_step else (B, H)
     mask = (torch.rand(shape) > 0.5).float() * 2
@@ -60,3 +98,87 @@ def test_mask_on_h_matches_the_step_by_step_equations(problem, per_step):
     got = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_and_fallback_agree_in_bf16_with_a_mask(problem):
+    """The two implementations round the same products the same way: only the element-wise
+    functions (exp, tanh) differ in their last bits."""
+    if kernels.fused() is None:
+        pytest.skip("no compiler here")
+    layer, x, state = problem
+    mask = (torch.rand(T, B, H) > 0.3).float() / 0.7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
+        kernels_available = kernels.available
+        try:
+            kernels.available = lambda device: False
+            fallback = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
+        finally:
+            kernels.available = kernels_available
+    for a, b in zip(fused, fallback):
+        assert torch.allclose(a, b, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_summed_nll_matches_cross_entropy(backend, autocast):
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(H, 13)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    targets = torch.randint(0, 13, (B, T))
+
+    def grads(fn):
+        for p in [hidden, *decoder.parameters()]:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        (loss / B).backward()
+        return [loss.detach()] + [p.grad.clone() for p in [hidden, *decoder.parameters()]]
+
+    with torch.no_grad():
+        reference_logits = decoder(hidden)
+    reference = grads(lambda: F.cross_entropy(decoder(hidden).reshape(-1, 13).float(), targets.reshape(-1), reduction="sum"))
+    got = grads(lambda: summed_nll(decoder, hidden, targets))
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    for a, b in zip(reference, got):
+        assert torch.allclose(a, b, **tol)
+    assert reference_logits.shape == (B, T, 13)
+
+
+def test_summed_nll_with_extreme_logits_is_finite(backend):
+    decoder = torch.nn.Linear(H, 7)
+    with torch.no_grad():
+        decoder.weight.mul_(1e3)
+    hidden = torch.randn(4, H, requires_grad=True)
+    targets = torch.tensor([0, 3, 6, 2])
+    loss = summed_nll(decoder, hidden, targets)
+    expected = F.cross_entropy(decoder(hidden), targets, reduction="sum")
+    assert torch.isfinite(loss) and torch.allclose(loss, expected, rtol=1e-4)
+
+
+def test_without_a_compiler_training_falls_back_with_one_warning(tmp_path):
+    """No compiler: one warning line, then the pure-PyTorch path trains and computes the same loss."""
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from lm import kernels\n"
+        "from lm.loss import summed_nll\n"
+        "assert kernels.fused() is None and not kernels.available('cpu')\n"
+        "torch.manual_seed(0)\n"
+        "dec = torch.nn.Linear(4, 9); h = torch.randn(6, 4); y = torch.randint(0, 9, (6,))\n"
+        "assert torch.equal(summed_nll(dec, h, y), F.cross_entropy(dec(h), y, reduction='sum'))\n"
+        "print('fallback ok')\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop("LM_FUSED", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fallback ok" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "fused CPU kernels unavailable" in line]
+    assert len(warnings) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_build_name_depends_on_the_source_and_the_cpu(monkeypatch):
+    name = kernels.build_name()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "some other cpu")
+    assert kernels.build_name() != name and kernels.build_name().startswith("lm_fused_")

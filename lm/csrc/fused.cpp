@@ -1,0 +1,359 @@
+// Fused CPU kernels for the training step (built on first use by lm/kernels.py).
+//
+// lstm_forward / lstm_backward: one LSTM layer over a BPTT window. Per time step the
+// only work left is one [B, H] x [H, 4H] product (at::mm, so oneDNN/MKL) and one pass
+// over the gates that does everything element-wise: activations, cell, tanh(c), the
+// output, the mask on h_{t-1} and the cast to the product dtype for the next step.
+// The forward and backward of PyTorch's own formulation launch about 8 and 15 ops per
+// step; here each is one loop in which the data stays in registers.
+//
+// linear_nll_forward: the decoder product and the summed cross-entropy in one go. The
+// logits are written once by the product; one pass per row turns them, in place, into
+// d loss / d logits (softmax - one-hot), so the backward is two products.
+//
+// Layout: x_proj [B, T, 4H] and the outputs [B, T, H] are batch-first as the model
+// holds them; h_in (the product inputs) [B, T, H] and the gate gradients [B, T, 4H]
+// are batch-first too so that the weight gradient is one product over all steps.
+// Gate order i, f, g, o as nn.LSTM. Element-wise math is fp32; "compute" is the
+// dtype of the products (fp32 or bf16).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// exp, sigmoid and tanh written branch-free so the compiler vectorises the loops
+// (libm's are scalar calls). exp: Cody-Waite range reduction and a degree-6
+// polynomial (Cephes expf), within 2 ulp over the clamped range.
+inline float fast_exp(float x) {
+  x = x < -87.3f ? -87.3f : x;  // comparisons, not fmin/fmax (library calls that block vectorisation);
+  x = x > 88.3f ? 88.3f : x;    // a NaN passes through both and stays NaN
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no floorf call, which blocks vectorisation)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float fast_sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+// tanh: an odd polynomial near 0 (Cephes tanhf, |x| < 0.625), 1 - 2 / (e^{2|x|} + 1) beyond.
+inline float fast_tanh(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;
+  float small = -5.70498872745e-3f;
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * x + x;
+  const float large = std::copysign(1.0f - 2.0f / (fast_exp(2.0f * a) + 1.0f), x);
+  return a < 0.625f ? small : large;
+}
+
+// bf16 is handled as its raw bits (uint16_t), which the compiler vectorises (c10::BFloat16,
+// a struct with a NaN branch, it does not): widening is a shift, narrowing rounds to
+// nearest even as c10 does (a NaN stays a NaN or becomes inf: either is non-finite).
+using bf16_bits = uint16_t;
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_bits v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16);
+}
+
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) { return v; }
+template <>
+inline bf16_bits from_float<bf16_bits>(float v) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  return static_cast<bf16_bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// The tensor's data as the element type the kernels compute on (bf16 as raw bits).
+template <typename T>
+T* data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, bf16_bits>) return reinterpret_cast<T*>(t.data_ptr<c10::BFloat16>());
+  else return t.data_ptr<T>();
+}
+
+// rows per task so that one task has at least ~16K elements (smaller work stays on one thread)
+inline int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)); }
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "lm fused kernel: ", what); }
+
+// One batch row of one forward step: gates -> activations, cell, tanh(c), output h_t.
+template <typename scalar_t>
+void forward_row(int64_t H, const scalar_t* __restrict x_row, const scalar_t* __restrict r_row, float* __restrict a,
+                 const float* __restrict c_prev, float* __restrict c_new, float* __restrict tc, float* __restrict h_row) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = fast_sigmoid(to_float(x_row[j]) + to_float(r_row[j]));
+    const float f = fast_sigmoid(to_float(x_row[H + j]) + to_float(r_row[H + j]));
+    const float g = fast_tanh(to_float(x_row[2 * H + j]) + to_float(r_row[2 * H + j]));
+    const float o = fast_sigmoid(to_float(x_row[3 * H + j]) + to_float(r_row[3 * H + j]));
+    const float c = f * c_prev[j] + i * g;
+    const float th = fast_tanh(c);
+    a[j] = i;
+    a[H + j] = f;
+    a[2 * H + j] = g;
+    a[3 * H + j] = o;
+    c_new[j] = c;
+    tc[j] = th;
+    h_row[j] = o * th;
+  }
+}
+
+// dst = src (* mask), narrowed to the product dtype: the next step's product input.
+template <typename scalar_t>
+void masked_copy(int64_t H, const float* __restrict src, const float* __restrict mask, scalar_t* __restrict dst) {
+  if (mask != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dst[j] = from_float<scalar_t>(src[j] * mask[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dst[j] = from_float<scalar_t>(src[j]);
+  }
+}
+
+// One batch row of one backward step, given d h_t (all paths summed) and d c_t from above:
+// writes d gates (pre-activation) and turns dc into d c_{t-1}.
+template <typename scalar_t>
+void backward_row(int64_t H, const float* __restrict dh, float* __restrict dc, const float* __restrict a,
+                  const float* __restrict c_prev, const float* __restrict tc, scalar_t* __restrict dg) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+    const float th = tc[j];
+    const float dcell = dc[j] + dh[j] * o * (1.0f - th * th);
+    dg[j] = from_float<scalar_t>(dcell * g * i * (1.0f - i));
+    dg[H + j] = from_float<scalar_t>(dcell * c_prev[j] * f * (1.0f - f));
+    dg[2 * H + j] = from_float<scalar_t>(dcell * i * (1.0f - g * g));
+    dg[3 * H + j] = from_float<scalar_t>(dh[j] * th * o * (1.0f - o));
+    dc[j] = dcell * f;
+  }
+}
+
+// dh = (rec * mask if rec else dh) + d_out: d h_t from the step above (through the mask that
+// h_t met on its way into it) and from the layer's output.
+template <typename scalar_t>
+void gather_dh(int64_t H, const scalar_t* __restrict rec, const float* __restrict mask, const float* __restrict d_out,
+               float* __restrict dh) {
+  if (rec != nullptr && mask != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] = to_float(rec[j]) * mask[j];
+  } else if (rec != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] = to_float(rec[j]);
+  }
+  if (d_out != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] += d_out[j];
+  }
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
+                                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
+  const int64_t B = x_proj.size(0), T = x_proj.size(1), H4 = x_proj.size(2), H = H4 / 4;
+  const auto f32 = x_proj.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({B, T, H}, f32);
+  at::Tensor h_in = at::empty({B, T, H}, x_proj.options());
+  at::Tensor acts = at::empty({T, B, H4}, f32);
+  at::Tensor cells = at::empty({T + 1, B, H}, f32);
+  at::Tensor tanh_c = at::empty({T, B, H}, f32);
+  at::Tensor rec = at::empty({B, H4}, x_proj.options());
+  const at::Tensor w_t = w_hh.t();
+  cells[0].copy_(c0);
+
+  const bool has_mask = h_mask.has_value() && h_mask->defined();
+  const bool mask_per_step = has_mask && h_mask->dim() == 3;
+  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+  auto mask_at = [&](int64_t t) -> const float* {
+    return mask == nullptr ? nullptr : mask + (mask_per_step ? t * B * H : 0);
+  };
+
+  scalar_t* h_in_p = data<scalar_t>(h_in);
+  {  // h_in[:, 0] = h0 * mask_0
+    const float* h0p = h0.data_ptr<float>();
+    const float* m = mask_at(0);
+    for (int64_t b = 0; b < B; ++b) masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
+  }
+  const scalar_t* xp = data<scalar_t>(x_proj);
+  const scalar_t* recp = data<scalar_t>(rec);
+  float* actp = acts.data_ptr<float>();
+  float* cellp = cells.data_ptr<float>();
+  float* tcp = tanh_c.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+
+  for (int64_t t = 0; t < T; ++t) {
+    at::mm_out(rec, h_in.select(1, t), w_t);
+    const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
+    at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* h_row = outp + (b * T + t) * H;
+        forward_row<scalar_t>(H, xp + (b * T + t) * H4, recp + b * H4, actp + (t * B + b) * H4, cellp + (t * B + b) * H,
+                              cellp + ((t + 1) * B + b) * H, tcp + (t * B + b) * H, h_row);
+        if (t + 1 < T) masked_copy<scalar_t>(H, h_row, m_next ? m_next + b * H : nullptr, h_in_p + (b * T + t + 1) * H);
+      }
+    });
+  }
+  at::Tensor h_last = out.select(1, T - 1).clone();
+  at::Tensor c_last = cells[T].clone();
+  return {out, h_last, c_last, acts, cells, tanh_c, h_in};
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Tensor& d_h_last, const at::Tensor& d_c_last,
+                                           const at::Tensor& acts, const at::Tensor& cells, const at::Tensor& tanh_c,
+                                           const at::Tensor& h_in, const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
+  const int64_t T = acts.size(0), B = acts.size(1), H4 = acts.size(2), H = H4 / 4;
+  at::Tensor d_gates = at::empty({B, T, H4}, h_in.options());  // grad of x_proj, in the product dtype
+  at::Tensor dh_rec = at::empty({B, H}, h_in.options());       // d h_{t-1} from the recurrent product
+  at::Tensor dh = d_h_last.to(at::kFloat).contiguous().clone();
+  at::Tensor dc = d_c_last.to(at::kFloat).contiguous().clone();
+  const bool has_mask = h_mask.has_value() && h_mask->defined();
+  const bool mask_per_step = has_mask && h_mask->dim() == 3;
+  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+
+  const float* d_outp = d_out.defined() ? d_out.data_ptr<float>() : nullptr;
+  const float* actp = acts.data_ptr<float>();
+  const float* cellp = cells.data_ptr<float>();
+  const float* tcp = tanh_c.data_ptr<float>();
+  scalar_t* dgp = data<scalar_t>(d_gates);
+  const scalar_t* dhrp = data<scalar_t>(dh_rec);
+  float* dhp = dh.data_ptr<float>();
+  float* dcp = dc.data_ptr<float>();
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const bool have_rec = t < T - 1;
+    // the mask that multiplied h_t on its way into step t + 1
+    const float* m = (mask == nullptr || !have_rec) ? nullptr : mask + (mask_per_step ? (t + 1) * B * H : 0);
+    at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* dh_b = dhp + b * H;  // at the last step it holds d h_T already
+        gather_dh<scalar_t>(H, have_rec ? dhrp + b * H : nullptr, m ? m + b * H : nullptr,
+                            d_outp ? d_outp + (b * T + t) * H : nullptr, dh_b);
+        backward_row<scalar_t>(H, dh_b, dcp + b * H, actp + (t * B + b) * H4, cellp + (t * B + b) * H, tcp + (t * B + b) * H,
+                               dgp + (b * T + t) * H4);
+      }
+    });
+    at::mm_out(dh_rec, d_gates.select(1, t), w_hh);
+  }
+  // d h0 = (d h_0 through the first product) * mask_0
+  at::Tensor dh0 = dh_rec.to(at::kFloat);
+  if (has_mask) dh0.mul_(mask_per_step ? (*h_mask)[0] : *h_mask);
+  at::Tensor d_w = at::mm(d_gates.view({B * T, H4}).t(), h_in.view({B * T, H}));
+  return {d_gates, dh0, dc, d_w};
+}
+
+void check_lstm(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                const c10::optional<at::Tensor>& h_mask) {
+  check(x_proj.device().is_cpu(), "CPU tensors only");
+  check(x_proj.dim() == 3 && x_proj.size(2) % 4 == 0 && x_proj.size(1) > 0, "x_proj must be [B, T, 4H] with T > 0");
+  check(x_proj.is_contiguous() && h0.is_contiguous() && c0.is_contiguous(), "contiguous x_proj, h0, c0");
+  check(x_proj.scalar_type() == w_hh.scalar_type(), "x_proj and w_hh in the same dtype");
+  check(x_proj.scalar_type() == at::kFloat || x_proj.scalar_type() == at::kBFloat16, "fp32 or bf16 products");
+  check(h0.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat, "fp32 state");
+  const int64_t H = x_proj.size(2) / 4;
+  check(h0.dim() == 2 && h0.size(0) == x_proj.size(0) && h0.size(1) == H, "h0 must be [B, H]");
+  check(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, "w_hh must be [4H, H]");
+  if (h_mask.has_value() && h_mask->defined()) {
+    check(h_mask->scalar_type() == at::kFloat && h_mask->is_contiguous(), "contiguous fp32 mask");
+    check(h_mask->size(-1) == H && h_mask->size(-2) == x_proj.size(0), "mask must be [B, H] or [T, B, H]");
+    check(h_mask->dim() == 2 || (h_mask->dim() == 3 && h_mask->size(0) == x_proj.size(1)), "mask must be [B, H] or [T, B, H]");
+  }
+}
+
+std::vector<at::Tensor> lstm_forward(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
+  check_lstm(x_proj, h0, c0, w_hh, h_mask);
+  const at::Tensor w = w_hh.contiguous();
+  if (x_proj.scalar_type() == at::kBFloat16) return lstm_forward_impl<bf16_bits>(x_proj, h0, c0, w, h_mask);
+  return lstm_forward_impl<float>(x_proj, h0, c0, w, h_mask);
+}
+
+std::vector<at::Tensor> lstm_backward(const at::Tensor& d_out, const at::Tensor& d_h_last, const at::Tensor& d_c_last,
+                                      const at::Tensor& acts, const at::Tensor& cells, const at::Tensor& tanh_c,
+                                      const at::Tensor& h_in, const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
+  const at::Tensor d_o = d_out.defined() ? d_out.to(at::kFloat).contiguous() : d_out;
+  const at::Tensor w = w_hh.contiguous();
+  if (h_in.scalar_type() == at::kBFloat16)
+    return lstm_backward_impl<bf16_bits>(d_o, d_h_last, d_c_last, acts, cells, tanh_c, h_in, w, h_mask);
+  return lstm_backward_impl<float>(d_o, d_h_last, d_c_last, acts, cells, tanh_c, h_in, w, h_mask);
+}
+
+// ---------------------------------------------------------------- decoder + cross-entropy
+
+// One row of logits z: returns logsumexp(z) - z[y] and overwrites z with softmax(z) - onehot(y).
+template <typename scalar_t>
+double nll_row(int64_t V, scalar_t* __restrict z, int64_t y) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t v = 0; v < V; ++v) mx = to_float(z[v]) > mx ? to_float(z[v]) : mx;
+  float se = 0.0f;
+#pragma omp simd reduction(+ : se)
+  for (int64_t v = 0; v < V; ++v) se += fast_exp(to_float(z[v]) - mx);
+  const float zy = to_float(z[y]);
+  const float inv = 1.0f / se;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) z[v] = from_float<scalar_t>(fast_exp(to_float(z[v]) - mx) * inv);
+  z[y] = from_float<scalar_t>(fast_exp(zy - mx) * inv - 1.0f);  // rounded once, as p - 1 in fp32
+  return static_cast<double>(std::log(se) + mx - zy);
+}
+
+template <typename scalar_t>
+double nll_rows(scalar_t* logits, const int64_t* targets, int64_t N, int64_t V) {
+  std::vector<double> row_loss(N, 0.0);  // summed in row order below: the same total for any thread count
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_loss[r] = nll_row<scalar_t>(V, logits + r * V, targets[r]);
+  });
+  double total = 0.0;
+  for (double l : row_loss) total += l;
+  return total;
+}
+
+// h [N, K] and weight [V, K] in the product dtype, bias [V] fp32, targets [N] int64.
+// Returns the summed NLL (fp32 scalar, accumulated in fp64) and d NLL / d logits [N, V].
+std::vector<at::Tensor> linear_nll_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                                           const at::Tensor& targets) {
+  check(h.device().is_cpu(), "CPU tensors only");
+  check(h.dim() == 2 && weight.dim() == 2 && h.size(1) == weight.size(1), "h [N, K] and weight [V, K]");
+  check(h.scalar_type() == weight.scalar_type(), "h and weight in the same dtype");
+  check(h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16, "fp32 or bf16 products");
+  check(targets.scalar_type() == at::kLong && targets.numel() == h.size(0), "int64 targets, one per row");
+  const int64_t N = h.size(0), V = weight.size(0);
+  const at::Tensor y = targets.contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r) check(yp[r] >= 0 && yp[r] < V, "target out of range");
+  at::Tensor logits = at::addmm(bias.to(h.scalar_type()), h, weight.t());
+  double total;
+  if (h.scalar_type() == at::kBFloat16)
+    total = nll_rows<bf16_bits>(data<bf16_bits>(logits), yp, N, V);
+  else
+    total = nll_rows<float>(logits.data_ptr<float>(), yp, N, V);
+  return {at::scalar_tensor(total, h.options().dtype(at::kFloat)), logits};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm_forward", &lstm_forward, "LSTM layer over a window, forward");
+  m.def("lstm_backward", &lstm_backward, "LSTM layer over a window, backward");
+  m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
+}

@@ -1,0 +1,71 @@
+"""The fused CPU kernels of the training step (``lm/csrc/fused.cpp``), compiled on first use.
+
+Why compiled: between the matrix products, an LSTM step is a dozen small element-wise
+ops that PyTorch launches one by one from Python, and the loss writes the logits in fp32
+three times over; on a 2-core CPU that work took as long as the products themselves.
+The kernels do it in one pass each (see the C++ file's header).
+
+Built once per source, torch version and CPU (``-march=native``) with
+``torch.utils.cpp_extension`` into torch's extension cache, and reused after. Where it
+cannot be built (no compiler, no headers), ``fused()`` returns None after one warning
+line and the callers run the pure-PyTorch path with the same math. ``LM_FUSED=0``
+forces that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("lm.kernels")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "fused.cpp"
+DISABLE_ENV = "LM_FUSED"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the build uses -march=native, so a build is only valid on its CPU kind)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
+
+
+def build_name() -> str:
+    """One extension name per source, flags, torch version and CPU: a change to any rebuilds."""
+    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, _cpu_flags()])
+    return "lm_fused_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def fused() -> ModuleType | None:
+    """The compiled kernels, or None (one warning, once per process) where they cannot be built."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension  # heavy; only needed to build
+
+        return cpp_extension.load(
+            name=build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
+        )
+    except Exception as err:  # no compiler, no headers, a failed build: all mean the same to the caller
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning("fused CPU kernels unavailable (%s); training runs the slower pure-PyTorch path", reason[:200])
+        return None
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the fused kernels run for tensors on ``device`` (CPU only)."""
+    return torch.device(device).type == "cpu" and fused() is not None
