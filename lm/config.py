@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lm.dropout import VARIANTS as DROPOUT_VARIANTS
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -104,7 +107,6 @@ class EvalConfig:
 
 
 DECAY_CONVENTIONS = ("tf", "lua")
-DROPOUT_VARIANTS = ("zaremba", "variational", "recurrent", "none")  # lm.dropout.VARIANTS
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -181,9 +183,21 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     return c
 
 
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` the way the command line would."""
+    # hydra internals: only the commands, the report and the tests compose; the model and
+    # scripts/bench.py import this module for the schema alone
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a running command: its search path is configs/ too
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
 def validate_saved(saved: dict) -> TrainConfig:
     """The typed config stored in a checkpoint, with keys added since it was written
     taken from today's defaults (``configs/train.yaml``), which reproduce the old behaviour."""
-    from lm.cli import compose
-
     return validate(OmegaConf.merge(compose("train", []), saved))

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from lm.cli import exit_for, user_errors
 from lm.config import validate_saved
-from lm.evaluate import PROTOCOL_DESCRIPTIONS, build_model_from_checkpoint, evaluate_all, format_results
+from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
+from lm.runtime import build_model_from_checkpoint, git_commit, load_data
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -32,8 +34,6 @@ def expand(patterns: list[str]) -> list[Path]:
 
 
 def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 500, with_members: bool = True) -> dict[str, Any]:
-    from lm.train import git_commit, load_data
-
     if len(checkpoints) < 2:
         raise CheckpointError("model averaging needs at least 2 checkpoints")
     ckpts = [load_checkpoint(p) for p in checkpoints]
@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lm.cli import exit_for, user_errors
-
     try:
         run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members)
     except user_errors() as err:

@@ -19,8 +19,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from lm.checkpoint import atomic_write_json, load_checkpoint
+from lm.cli import run_hydra
+from lm.config import validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
+from lm.runtime import build_model_from_checkpoint, load_data, select_device
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +127,6 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Load a checkpoint, evaluate it under both protocols, print and write JSON."""
-    from lm.checkpoint import atomic_write_json, load_checkpoint
-    from lm.config import validate_eval, validate_saved
-    from lm.train import load_data, select_device
-
     ecfg = validate_eval(cfg)
     ckpt = load_checkpoint(ecfg.checkpoint)
     train_cfg = validate_saved(ckpt["config"])
@@ -162,29 +162,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLanguageModel:
-    """The checkpoint's model with its weights; refuses a vocabulary of another size."""
-    from lm.checkpoint import CheckpointError
-    from lm.config import validate_saved
-
-    cfg = validate_saved(ckpt["config"])
-    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
-    if saved_vocab != vocab_size:
-        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, the corpus {vocab_size}: use the corpus it was trained on")
-    model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
 def _hydra_entry() -> None:
-    from lm.cli import run_hydra
-
     run_hydra(run_evaluation, "evaluate", preflight=validate_eval_only)
 
 
 def validate_eval_only(cfg: DictConfig) -> None:
-    from lm.config import validate_eval
-
     validate_eval(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 

@@ -161,7 +161,7 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
 
 def new_figure(figsize: tuple[float, float]):
     """A (fig, ax) pair drawn off-screen (no display needed)."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a plot is drawn (--no-plots and the tables do without)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,7 +171,7 @@ def new_figure(figsize: tuple[float, float]):
 
 def save_epoch_plot(fig, ax, title: str, ylabel: str, out: Path) -> None:
     """Perplexity per epoch on a log axis, written atomically as PNG (same inputs, same bytes)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: see new_figure
 
     ax.set_yscale("log")
     ax.set_xlabel("epoch")

@@ -16,7 +16,6 @@ import os
 import platform
 import signal
 import sys
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import (
@@ -35,12 +35,14 @@ from lm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate, validate_saved
-from lm.data import Corpus, DataError, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.cli import run_hydra
+from lm.config import ConfigError, OptimConfig, TrainConfig, validate, validate_saved
+from lm.data import DataError, batchify, bptt_windows
 from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
+from lm.runtime import git_commit, load_data, select_device
 
 log = logging.getLogger("lm.train")
 
@@ -59,31 +61,6 @@ def learning_rate(epoch: int, optim: OptimConfig) -> float:
     """
     shift = 1 if optim.decay_convention == "tf" else 0
     return optim.lr * optim.lr_decay ** max(epoch + shift - optim.decay_start_epoch, 0)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device is cuda but no GPU is visible: use trainer.device=cpu")
-    return torch.device(name)
-
-
-def load_data(data: DataConfig) -> Corpus:
-    folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")
-    if data.name == "ptb":
-        ensure_ptb(folder, data.url, download=data.download)
-    return load_corpus(folder)
-
-
-def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------- one epoch
@@ -498,15 +475,11 @@ def preflight(cfg: DictConfig) -> None:
 
 
 def _train_job(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
 
 def _hydra_entry() -> None:
-    from lm.cli import run_hydra
-
     run_hydra(_train_job, "train", preflight=preflight)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import lm.train as train_module
 from lm.checkpoint import load_checkpoint
-from lm.cli import compose
+from lm.config import compose
 from lm.config import ConfigError
 from lm.data import batchify, bptt_windows
 from lm.model import LSTMLanguageModel
