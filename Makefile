@@ -40,9 +40,9 @@ train-large: data ## train the paper's large regularized model (55 epochs), then
 	$(PY) -m lm.train experiment=zaremba_large $(ARGS)
 	$(PY) -m lm.report --with-runs runs
 
-ablation: data ## dropout placements side by side (about 2 h on 2 cores), then results/ablation/
+ablation: data ## dropout placements side by side (about 2 h on 2 cores; reruns continue), then results/ablation/
 	$(PY) -m lm.train -m experiment=ablation ablation=$(PLACEMENTS) hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false $(ARGS)
+		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false trainer.resume=auto $(ARGS)
 	$(PY) -m lm.ablation runs/ablation --out results/ablation
 
 eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=runs/zaremba_small/seed-1/checkpoint.pt

@@ -35,7 +35,9 @@ from lm.checkpoint import (
     set_rng_state,
 )
 from lm.cli import run_hydra
-from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate, validate_saved
+from lm.config import (
+    ConfigError, DataConfig, OptimConfig, TrainConfig, check_group_choices, ignored_overrides, validate, validate_saved,
+)
 from lm.data import Corpus, DataError, batchify, bptt_windows
 from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
@@ -342,6 +344,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
 def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     """The output folder, the device and processes, the data, a fresh model and optimizer."""
     started = time.perf_counter()
+    for key in ignored_overrides(cfg, overrides):
+        log.warning("%s has no effect with model.dropout_variant=%s: see configs/train.yaml", key, cfg.model.dropout_variant)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
         stale.unlink()
@@ -609,6 +613,7 @@ def preflight(cfg: DictConfig) -> None:
     """Checks that must pass before anything is written: config values, an existing finished run."""
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
+    check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
     run_dir = Path(cfg.hydra.run.dir)
     check_writable(run_dir, "hydra.run.dir")
     if (run_dir / METRICS_NAME).exists() and c.trainer.resume is None and not c.trainer.overwrite:
@@ -620,6 +625,7 @@ def preflight(cfg: DictConfig) -> None:
 
 def _train_job(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    check_group_choices(list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices)  # also each job of a sweep
     train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
 
