@@ -99,7 +99,7 @@ class EvalConfig:
     data_dir: Optional[str] = MISSING
     batch_size: Optional[int] = MISSING
     bptt: Optional[int] = MISSING
-    eval_window: int = MISSING
+    eval_window: Optional[int] = MISSING
     threads: int = MISSING
     device: str = MISSING
     output: Optional[str] = MISSING
@@ -277,7 +277,7 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     for key in ("batch_size", "bptt"):
         value = getattr(c, key)
         _require(value is None or value >= 1, key, "null or a positive integer", value)
-    _positive_int(c.eval_window, "eval_window")
+    _require(c.eval_window is None or c.eval_window >= 1, "eval_window", "null or a positive integer", c.eval_window)
     mc = c.eval.mc_samples
     _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)

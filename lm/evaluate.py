@@ -91,28 +91,28 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple
 
 
 def evaluate_split(
-    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int,
+    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, float]:
     """Perplexity of one split under one protocol, with the counts behind it."""
     if protocol == "batched":
         nll, count = evaluate_mixture(models, batchify(ids, batch_size), bptt, stochastic)
     elif protocol == "stream":
-        nll, count = evaluate_mixture(models, batchify(ids, 1), stream_window, stochastic)
+        nll, count = evaluate_mixture(models, batchify(ids, 1), eval_window, stochastic)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {"ppl": perplexity(nll, count), "nll": nll, "tokens": count}
 
 
 def evaluate_all(
-    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, stream_window: int,
+    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
     if isinstance(models, LSTMLanguageModel):
         models = [models]
     return {
-        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, stream_window, stochastic) for p in PROTOCOLS}
+        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, eval_window, stochastic) for p in PROTOCOLS}
         for split in ("valid", "test")
     }
 
@@ -140,12 +140,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     batch_size = ecfg.batch_size or train_cfg.data.batch_size
     bptt = ecfg.bptt or train_cfg.data.bptt
-    results = evaluate_all(model, corpus, batch_size, bptt, ecfg.eval_window)
+    eval_window = ecfg.eval_window or train_cfg.trainer.eval_window
+    results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
     print(format_results(results))
     mc_results = None
     if ecfg.eval.mc_samples:
         torch.manual_seed(ecfg.eval.mc_seed)
-        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, ecfg.eval_window, stochastic=True)
+        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
         print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ecfg.checkpoint),
