@@ -7,12 +7,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
-# The dropout placements of `make ablation` (configs/ablation/) and how many train at once (1 thread each).
-PLACEMENTS    ?= recurrent,variational,zaremba,zaremba_tied,variational_wd,none
+# The dropout placements of `make ablation` (every file in configs/ablation/, comma-separated)
+# and how many train at once (1 thread each).
+comma         := ,
+space         := $(subst ,, )
+PLACEMENTS    ?= $(subst $(space),$(comma),$(sort $(basename $(notdir $(wildcard configs/ablation/*.yaml)))))
 ABLATION_JOBS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large ablation eval table test test-fast bench clean
+.PHONY: help setup data train-small train-medium train-large ablation eval table test bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'

@@ -127,7 +127,7 @@ def test_gal_large_has_the_rates_of_paper_md():
     assert (o.weight_decay, o.decay_start_epoch, o.max_grad_norm, cfg.trainer.epochs) == (1e-7, 10, 10.0, 55)
 
 
-ABLATION = ["none", "zaremba", "recurrent", "variational", "zaremba_tied", "variational_wd"]
+ABLATION = sorted(p.stem for p in (REPO / "configs" / "ablation").glob("*.yaml"))
 
 
 def test_ablation_placements_differ_only_in_the_model_options():
