@@ -3,7 +3,10 @@
 The YAML files under ``configs/`` hold every value; the dataclasses here hold
 only types and allowed ranges (no defaults that could disagree with the YAML).
 ``validate`` turns a composed ``DictConfig`` into plain typed objects or raises
-``ConfigError`` with one line that names the offending key.
+``ConfigError`` with one line that names the offending key. Also here: ``compose``
+(a config as the command line would build it), the precedence check between an
+experiment and the presets chosen beside it, and ``recipe`` (the keys a paper row
+measures), so that every module that needs them imports them from below.
 """
 
 from __future__ import annotations
