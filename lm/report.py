@@ -160,6 +160,18 @@ def other_recipes_table(runs: list[Run]) -> str | None:
     return "\n".join([header, *(f"| `{r.path.as_posix()}` | {r.name} | {recipe_difference(r, r.name)} |" for r in apart)])
 
 
+def ensemble_experiment(ensemble: Run) -> str | None:
+    """The paper experiment whose recipe every member has (read from the metrics.json beside each
+    member's checkpoint), or None if a member's run is not found or the recipes differ."""
+    experiments = set()
+    for checkpoint in ensemble.metrics["checkpoints"]:
+        metrics = Path(checkpoint).parent / "metrics.json"  # as the ensemble was given them: from the repository root
+        if not metrics.is_file():
+            return None
+        experiments.add(paper_experiment(Run(metrics.parent, json.loads(metrics.read_text()))))
+    return experiments.pop() if len(experiments) == 1 else None
+
+
 def ensemble_table(ensembles: list[Run]) -> str:
     header = (
         "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | paper: valid / test of averages of N |\n"
@@ -168,7 +180,7 @@ def ensemble_table(ensembles: list[Run]) -> str:
     rows = []
     for e in ensembles:
         m = e.metrics
-        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(e.name, []))
+        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(ensemble_experiment(e) or "", []))
         rows.append(
             f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
             f"{_fmt(m['results']['test']['batched']['ppl'])} | {paper} |"

@@ -98,3 +98,26 @@ def test_a_run_is_compared_by_its_recipe_not_its_name(tmp_path: Path):
                                                ("other-corpus", "data.name custom (recipe: ptb)"),
                                                ("other-schedule", "optim.decay_start_epoch 6 (recipe: 4)")], strict=True):
         assert line.startswith(f"| `{folder}` | zaremba_small |") and differs in line
+
+
+def test_an_ensemble_is_compared_when_all_its_members_have_the_recipe(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "corpus")
+    results = tmp_path / "results"
+    for seed, recipe in [(1, "experiment=zaremba_small"), (2, "experiment=zaremba_small"), (3, "experiment=zaremba_medium")]:
+        train(train_config(tiny_overrides(corpus, "trainer.max_steps=2", "trainer.epochs=1")), results / f"seed-{seed}")
+        as_trained_with(results / f"seed-{seed}", recipe)
+
+    def ensemble(folder: str, seeds: list[int]) -> None:
+        numbers = {"test": {"batched": {"ppl": 90.0}}}
+        checkpoints = [str(results / f"seed-{s}" / "checkpoint.pt") for s in seeds]
+        (results / folder).mkdir()
+        (results / folder / "ensemble.json").write_text(json.dumps(
+            {"name": "zaremba_small", "n_models": len(seeds), "checkpoints": checkpoints, "valid_ppl": 93.0, "test_ppl": 89.0,
+             "results": numbers}))
+
+    ensemble("same", [1, 2])
+    ensemble("mixed", [1, 3])
+    text = write_report(results, plots=False)
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 7}
+    assert rows["same"].endswith("| 2: 100.4 / 96.1; 5: 87.9 / 84.1; 10: 83.5 / 80.0 |")
+    assert rows["mixed"].endswith("| 90.00 |  |")  # members of two recipes: no paper row
