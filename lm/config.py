@@ -228,7 +228,7 @@ def check_group_choices(overrides: Sequence[str], choices: Mapping[str, Any], co
 
 
 def _keys_set_by(path: Path, prefix: str) -> set[str]:
-    """The dotted keys a config file sets in its own body (not through its defaults list)."""
+    """The dotted keys a config file sets, itself or through presets of its group in its defaults list."""
     if not path.is_file():  # a preset from another search path: nothing to compare
         return set()
     body = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -244,6 +244,9 @@ def _keys_set_by(path: Path, prefix: str) -> set[str]:
     for name, child in body.items():
         if name not in ("defaults", "hydra"):
             walk(child, f"{prefix}{name}.")
+    for entry in body.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":  # another preset of the same group, e.g. optim/sgd
+            keys |= _keys_set_by(path.with_name(f"{entry}.yaml"), prefix)
     return keys
 
 

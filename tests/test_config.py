@@ -66,6 +66,8 @@ def test_a_preset_that_the_experiment_restates_is_refused_in_one_line(config_cop
         "# @package _global_\ndefaults:\n  - override /model: small\noptim:\n  lr: 0.5\n")
     with pytest.raises(ConfigError, match=r"^optim=sgd: experiment=restating sets optim.lr too and would silently win"):
         check_group_choices(["experiment=restating", "optim=sgd"], {"experiment": "restating", "optim": "sgd"}, config_copy)
+    with pytest.raises(ConfigError, match=r"^optim=gal_medium: experiment=restating sets optim.lr too"):  # inherited from sgd
+        check_group_choices(["optim=gal_medium"], {"experiment": "restating", "optim": "gal_medium"}, config_copy)
     check_group_choices(["experiment=restating"], {"experiment": "restating", "optim": "sgd"}, config_copy)  # not chosen
 
 
