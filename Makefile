@@ -7,12 +7,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
-# The dropout placements of `make ablation` (configs/ablation/) and how many train at once (1 thread each).
-PLACEMENTS    ?= recurrent,variational,zaremba,zaremba_tied,variational_wd,none
+# The dropout placements of `make ablation` (every file in configs/ablation/, comma-separated)
+# and how many train at once (1 thread each).
+comma         := ,
+space         := $(subst ,, )
+PLACEMENTS    ?= $(subst $(space),$(comma),$(sort $(basename $(notdir $(wildcard configs/ablation/*.yaml)))))
 ABLATION_JOBS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large ablation eval table test test-fast bench clean
+.PHONY: help setup data train-small train-medium train-large ablation eval table test bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -40,9 +43,9 @@ train-large: data ## train the paper's large regularized model (55 epochs), then
 	$(PY) -m lm.train experiment=zaremba_large $(ARGS)
 	$(PY) -m lm.report --with-runs runs
 
-ablation: data ## dropout placements side by side (about 2 h on 2 cores), then results/ablation/
+ablation: data ## dropout placements side by side (about 2 h on 2 cores; reruns continue), then results/ablation/
 	$(PY) -m lm.train -m experiment=ablation ablation=$(PLACEMENTS) hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false $(ARGS)
+		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false trainer.resume=auto $(ARGS)
 	$(PY) -m lm.ablation runs/ablation --out results/ablation
 
 eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=runs/zaremba_small/seed-1/checkpoint.pt

@@ -11,25 +11,24 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
+import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from lm.checkpoint import CheckpointError
+from lm.config import CONFIG_DIR, ConfigError, compose
+from lm.data import DataError
+from lm.faults import NonFiniteError, TrainingInterrupted
+
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_FAULT = 3
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from hydra.errors import HydraException
-
-    from lm.checkpoint import CheckpointError
-    from lm.config import ConfigError
-    from lm.data import DataError
-    from lm.faults import NonFiniteError, TrainingInterrupted
-
+    """The errors that end a command with one line (exit code 2, 3 or 128 + signal), no traceback."""
     return (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, NonFiniteError, TrainingInterrupted)
 
 
@@ -52,8 +51,6 @@ def die(err: BaseException, code: int = EXIT_USER_ERROR) -> None:
 
 def exit_for(err: BaseException) -> None:
     """End the command for a run-time stop: a signal (128 + signum) or a numerical fault (3)."""
-    from lm.faults import NonFiniteError, TrainingInterrupted
-
     if isinstance(err, TrainingInterrupted):
         print(str(err), file=sys.stderr)
         raise SystemExit(err.exit_code)
@@ -75,22 +72,8 @@ def exit_on_user_error(task: Callable[[DictConfig], None]) -> Callable[[DictConf
     return wrapper
 
 
-def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
-    """Compose a config the way the command line would (used by preflight and tests)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside a running command: its search path is configs/ too
-        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
-
-
 def run_hydra(task: Callable[[DictConfig], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None) -> None:
     """The whole entry point of a command: ``task(cfg)`` under ``@hydra.main`` with ``configs/<config_name>.yaml``."""
-    import hydra
-
     main = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(exit_on_user_error(task))
     run_app(main, config_name, preflight)
 

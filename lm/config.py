@@ -3,19 +3,25 @@
 The YAML files under ``configs/`` hold every value; the dataclasses here hold
 only types and allowed ranges (no defaults that could disagree with the YAML).
 ``validate`` turns a composed ``DictConfig`` into plain typed objects or raises
-``ConfigError`` with one line that names the offending key.
+``ConfigError`` with one line that names the offending key. Also here: ``compose``
+(a config as the command line would build it), the precedence check between an
+experiment and the presets chosen beside it, and ``recipe`` (the keys a paper row
+measures), so that every module that needs them imports them from below.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lm.dropout import VARIANTS as DROPOUT_VARIANTS
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -96,7 +102,7 @@ class EvalConfig:
     data_dir: Optional[str] = MISSING
     batch_size: Optional[int] = MISSING
     bptt: Optional[int] = MISSING
-    eval_window: int = MISSING
+    eval_window: Optional[int] = MISSING
     threads: int = MISSING
     device: str = MISSING
     output: Optional[str] = MISSING
@@ -104,7 +110,9 @@ class EvalConfig:
 
 
 DECAY_CONVENTIONS = ("tf", "lua")
-DROPOUT_VARIANTS = ("zaremba", "variational", "recurrent", "none")  # lm.dropout.VARIANTS
+DROPOUT_RATES = ("dropout", "dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output")
+# The groups whose presets a command line swaps (optim=...); an experiment chooses among them.
+PRESET_GROUPS = ("model", "data", "optim", "trainer")
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -134,11 +142,112 @@ def _positive_int(value: int, key: str) -> None:
 def validate_model(m: ModelConfig) -> None:
     _positive_int(m.hidden_size, "model.hidden_size")
     _positive_int(m.num_layers, "model.num_layers")
-    for key in ("dropout", "dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output", "weight_drop"):
+    for key in (*DROPOUT_RATES, "weight_drop"):
         value = getattr(m, key)
         _require(0.0 <= value < 1.0, f"model.{key}", "in [0, 1)", value)
     _require(m.dropout_variant in DROPOUT_VARIANTS, "model.dropout_variant", f"one of {DROPOUT_VARIANTS}", m.dropout_variant)
     _require(0.0 < m.init_scale <= 1.0, "model.init_scale", "in (0, 1]", m.init_scale)
+    _refuse_dropout_that_lands_nowhere(m)
+
+
+def rates_used(variant: str) -> tuple[str, ...]:
+    """The ``model.*`` dropout rates that ``variant`` reads (as lm/model.py does); under it the
+    others have no effect. ``weight_drop`` and ``tie_weights`` apply to every variant."""
+    if variant == "variational":
+        return ("dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output")
+    if variant == "recurrent":
+        return ("dropout", "dropout_recurrent")
+    return ("dropout",) if variant == "zaremba" else ()
+
+
+def unused_rates(m: ModelConfig) -> list[str]:
+    """The non-zero dropout rates that the chosen variant ignores."""
+    used = rates_used(m.dropout_variant)
+    return [key for key in DROPOUT_RATES if key not in used and getattr(m, key) > 0]
+
+
+def _refuse_dropout_that_lands_nowhere(m: ModelConfig) -> None:
+    """A rate is set, but only on keys the variant ignores, while its own are all 0: the run
+    would silently train without dropout (e.g. experiment=zaremba_medium model.dropout_variant=variational)."""
+    used, ignored = rates_used(m.dropout_variant), unused_rates(m)
+    if ignored and used and not any(getattr(m, key) > 0 for key in used):
+        given = ", ".join(f"model.{key}={getattr(m, key):g}" for key in ignored)
+        raise ConfigError(
+            f"{given} has no effect with model.dropout_variant={m.dropout_variant}, whose own rates "
+            f"({', '.join('model.' + key for key in used)}) are all 0, so the run would have no dropout: set those rates, "
+            f"or choose the variant that reads {given.split('=')[0]}"
+        )
+
+
+def ignored_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> list[str]:
+    """The dropout rates set on the command line that the chosen variant ignores (worth a warning)."""
+    named = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    return [f"model.{key}" for key in unused_rates(cfg.model) if f"model.{key}" in named]
+
+
+# The keys that define a recipe, i.e. what a paper row measures: the model with the dropout rates
+# its variant reads, the corpus, batching and BPTT length, the optimizer and schedule, the number
+# of epochs. The others say how a run was carried out (seed, threads, device, precision, data
+# folder, logging, resume) and may differ between runs of one recipe.
+RECIPE_KEYS = {
+    "model": tuple(f.name for f in fields(ModelConfig) if f.name != "name"),
+    "data": ("name", "batch_size", "bptt"),
+    "optim": tuple(f.name for f in fields(OptimConfig)),
+    "trainer": ("epochs",),
+}
+
+
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """{dotted key: value} of the keys that define ``cfg``'s recipe (rates its variant ignores left out)."""
+    ignored = {f"model.{key}" for key in DROPOUT_RATES if key not in rates_used(cfg.model.dropout_variant)}
+    values = {f"{group}.{key}": getattr(getattr(cfg, group), key) for group, keys in RECIPE_KEYS.items() for key in keys}
+    return {key: value for key, value in values.items() if key not in ignored}
+
+
+def check_group_choices(overrides: Sequence[str], choices: Mapping[str, Any], config_dir: Path = CONFIG_DIR) -> None:
+    """Refuse a group preset chosen on the command line (``optim=...``) that sets a key the chosen
+    experiment sets too: the experiment is merged after the presets and would silently win.
+
+    The shipped experiments set no preset's keys (tests/test_config.py holds every pair to it);
+    this catches a preset or experiment added later that does."""
+    experiment = choices.get("experiment")
+    if not experiment:
+        return
+    restated = _keys_set_by(config_dir / "experiment" / f"{experiment}.yaml", prefix="")
+    chosen = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    for group in PRESET_GROUPS:
+        preset = choices.get(group)
+        if group not in chosen or preset is None:
+            continue
+        clash = sorted(restated & _keys_set_by(config_dir / group / f"{preset}.yaml", prefix=f"{group}."))
+        if clash:
+            raise ConfigError(
+                f"{group}={preset}: experiment={experiment} sets {', '.join(clash)} too and would silently win; "
+                f"leave out {group}=..., or set {clash[0]}=... on the command line"
+            )
+
+
+def _keys_set_by(path: Path, prefix: str) -> set[str]:
+    """The dotted keys a config file sets, itself or through presets of its group in its defaults list."""
+    if not path.is_file():  # a preset from another search path: nothing to compare
+        return set()
+    body = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    keys: set[str] = set()
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for name, child in node.items():
+                walk(child, f"{key}{name}.")
+        else:
+            keys.add(key[:-1])
+
+    for name, child in body.items():
+        if name not in ("defaults", "hydra"):
+            walk(child, f"{prefix}{name}.")
+    for entry in body.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":  # another preset of the same group, e.g. optim/sgd
+            keys |= _keys_set_by(path.with_name(f"{entry}.yaml"), prefix)
+    return keys
 
 
 def validate(cfg: DictConfig | dict) -> TrainConfig:
@@ -174,16 +283,28 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     for key in ("batch_size", "bptt"):
         value = getattr(c, key)
         _require(value is None or value >= 1, key, "null or a positive integer", value)
-    _positive_int(c.eval_window, "eval_window")
+    _require(c.eval_window is None or c.eval_window >= 1, "eval_window", "null or a positive integer", c.eval_window)
     mc = c.eval.mc_samples
     _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
     return c
 
 
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` the way the command line would."""
+    # hydra internals: only the commands, the report and the tests compose; the model and
+    # scripts/bench.py import this module for the schema alone
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a running command: its search path is configs/ too
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
 def validate_saved(saved: dict) -> TrainConfig:
     """The typed config stored in a checkpoint, with keys added since it was written
     taken from today's defaults (``configs/train.yaml``), which reproduce the old behaviour."""
-    from lm.cli import compose
-
     return validate(OmegaConf.merge(compose("train", []), saved))

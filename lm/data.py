@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -163,7 +164,7 @@ class Corpus:
 
 def _read_lines(files: dict[str, Path]) -> dict[str, list[str]]:
     """Read each split's lines through the HF ``datasets`` text builder (cached)."""
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): loaded only when a corpus is read, not by batchify's users
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -261,8 +262,6 @@ def bptt_windows(data: torch.Tensor, bptt: int) -> list[tuple[torch.Tensor, torc
 
 def main() -> None:
     """``python -m lm.data [FOLDER]``: download (if needed) and verify PTB."""
-    import sys
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = resolve_data_dir(sys.argv[1] if len(sys.argv) > 1 else "data/ptb")
     try:

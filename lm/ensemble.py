@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from lm.config import validate_saved
-from lm.evaluate import PROTOCOL_DESCRIPTIONS, build_model_from_checkpoint, evaluate_all, format_results
+from lm.cli import exit_for, user_errors
+from lm.config import TrainConfig, validate_saved
+from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
+from lm.runtime import build_model_from_checkpoint, git_commit, load_data
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -31,9 +33,8 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 500, with_members: bool = True) -> dict[str, Any]:
-    from lm.train import git_commit, load_data
-
+def load_members(checkpoints: list[Path]) -> tuple[list[dict[str, Any]], list[TrainConfig]]:
+    """The checkpoints and their configs; refuses fewer than 2, or members of different corpora."""
     if len(checkpoints) < 2:
         raise CheckpointError("model averaging needs at least 2 checkpoints")
     ckpts = [load_checkpoint(p) for p in checkpoints]
@@ -42,9 +43,18 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 50
     for path, cfg in zip(checkpoints[1:], cfgs[1:]):
         if (cfg.data.name, cfg.data.dir) != (first.data.name, first.data.dir):
             raise CheckpointError(f"{path} was trained on other data ({cfg.data.name} in {cfg.data.dir}): average models of one corpus")
+    return ckpts, cfgs
+
+
+def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None = None, with_members: bool = True) -> dict[str, Any]:
+    """Evaluate the average of ``checkpoints`` (and each alone); ``eval_window`` defaults to the
+    first checkpoint's ``trainer.eval_window``."""
+    ckpts, cfgs = load_members(checkpoints)
+    first = cfgs[0]
     corpus = load_data(first.data)
     models = [build_model_from_checkpoint(c, len(corpus.vocab)) for c in ckpts]
     batch_size, bptt = first.data.batch_size, first.data.bptt
+    eval_window = eval_window or first.trainer.eval_window
     lines: list[str] = []
 
     def say(text: str) -> None:
@@ -52,12 +62,11 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, stream_window: int = 50
         lines.append(text)
 
     members = []
-    if with_members:
-        for path, model in zip(checkpoints, models):
-            results = evaluate_all(model, corpus, batch_size, bptt, stream_window)
-            say(f"member {path}\n{format_results(results)}")
-            members.append({"checkpoint": str(path), "results": results})
-    results = evaluate_all(models, corpus, batch_size, bptt, stream_window)
+    for path, model in zip(checkpoints, models) if with_members else ():
+        member_results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
+        say(f"member {path}\n{format_results(member_results)}")
+        members.append({"checkpoint": str(path), "results": member_results})
+    results = evaluate_all(models, corpus, batch_size, bptt, eval_window)
     say(f"average of {len(models)} models (mean of probabilities per token)\n{format_results(results)}")
     report = {
         "name": first.name,
@@ -86,14 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Average the predicted probabilities of several checkpoints.")
     parser.add_argument("checkpoints", nargs="+", help="checkpoint paths or glob patterns (quote them)")
     parser.add_argument("--out", required=True, help="folder for ensemble.json and ensemble.log")
-    parser.add_argument("--eval-window", type=int, default=500, help="window of the one-stream protocol")
+    parser.add_argument("--eval-window", type=int, help="window of the one-stream protocol (default: the checkpoints' trainer.eval_window)")
     parser.add_argument("--no-members", action="store_true", help="skip evaluating each member alone")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lm.cli import exit_for, user_errors
-
     try:
         run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members)
     except user_errors() as err:

@@ -19,8 +19,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from lm.checkpoint import atomic_write_json, load_checkpoint
+from lm.cli import run_hydra
+from lm.config import validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
+from lm.runtime import build_model_from_checkpoint, load_data, select_device
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +91,28 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple
 
 
 def evaluate_split(
-    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, stream_window: int,
+    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, float]:
     """Perplexity of one split under one protocol, with the counts behind it."""
     if protocol == "batched":
         nll, count = evaluate_mixture(models, batchify(ids, batch_size), bptt, stochastic)
     elif protocol == "stream":
-        nll, count = evaluate_mixture(models, batchify(ids, 1), stream_window, stochastic)
+        nll, count = evaluate_mixture(models, batchify(ids, 1), eval_window, stochastic)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return {"ppl": perplexity(nll, count), "nll": nll, "tokens": count}
 
 
 def evaluate_all(
-    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, stream_window: int,
+    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
     if isinstance(models, LSTMLanguageModel):
         models = [models]
     return {
-        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, stream_window, stochastic) for p in PROTOCOLS}
+        split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, eval_window, stochastic) for p in PROTOCOLS}
         for split in ("valid", "test")
     }
 
@@ -123,10 +127,6 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Load a checkpoint, evaluate it under both protocols, print and write JSON."""
-    from lm.checkpoint import atomic_write_json, load_checkpoint
-    from lm.config import validate_eval, validate_saved
-    from lm.train import load_data, select_device
-
     ecfg = validate_eval(cfg)
     ckpt = load_checkpoint(ecfg.checkpoint)
     train_cfg = validate_saved(ckpt["config"])
@@ -140,12 +140,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     batch_size = ecfg.batch_size or train_cfg.data.batch_size
     bptt = ecfg.bptt or train_cfg.data.bptt
-    results = evaluate_all(model, corpus, batch_size, bptt, ecfg.eval_window)
+    eval_window = ecfg.eval_window or train_cfg.trainer.eval_window
+    results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
     print(format_results(results))
     mc_results = None
     if ecfg.eval.mc_samples:
         torch.manual_seed(ecfg.eval.mc_seed)
-        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, ecfg.eval_window, stochastic=True)
+        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
         print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ecfg.checkpoint),
@@ -162,29 +163,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLanguageModel:
-    """The checkpoint's model with its weights; refuses a vocabulary of another size."""
-    from lm.checkpoint import CheckpointError
-    from lm.config import validate_saved
-
-    cfg = validate_saved(ckpt["config"])
-    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
-    if saved_vocab != vocab_size:
-        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, the corpus {vocab_size}: use the corpus it was trained on")
-    model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
 def _hydra_entry() -> None:
-    from lm.cli import run_hydra
-
     run_hydra(run_evaluation, "evaluate", preflight=validate_eval_only)
 
 
 def validate_eval_only(cfg: DictConfig) -> None:
-    from lm.config import validate_eval
-
     validate_eval(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 

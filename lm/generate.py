@@ -14,8 +14,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lm.checkpoint import load_checkpoint
+from lm.cli import run_hydra
+from lm.config import ConfigError, validate_saved
 from lm.data import EOS, UNK, DataError, Vocab
 from lm.model import LSTMLanguageModel
+from lm.runtime import build_model_from_checkpoint, load_data, select_device
 
 
 def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[int]:
@@ -61,18 +65,10 @@ def checkpoint_vocab(ckpt: dict[str, Any]) -> Vocab:
     """The vocabulary a checkpoint was trained with (rebuilt from its data if not stored)."""
     if ckpt.get("vocab"):
         return Vocab(ckpt["vocab"])
-    from lm.config import validate_saved
-    from lm.train import load_data
-
     return load_data(validate_saved(ckpt["config"]).data).vocab
 
 
 def run_generation(cfg: DictConfig) -> str:
-    from lm.checkpoint import load_checkpoint
-    from lm.config import ConfigError
-    from lm.evaluate import build_model_from_checkpoint
-    from lm.train import select_device
-
     if not cfg.checkpoint:
         raise ConfigError("checkpoint: give the path of a checkpoint.pt written by lm.train")
     if not cfg.temperature > 0:
@@ -93,8 +89,6 @@ def run_generation(cfg: DictConfig) -> str:
 
 
 def _hydra_entry() -> None:
-    from lm.cli import run_hydra
-
     run_hydra(run_generation, "generate")
 
 

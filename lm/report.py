@@ -3,7 +3,9 @@
 Reads every ``metrics.json`` under ``results/`` (the committed runs, any depth),
 writes ``results/README.md`` (a table generated from the runs' JSON, never
 edited by hand: same inputs, same bytes) and a learning-curve plot next to each
-run. ``--with-runs runs`` also prints the table with your own runs from
+run. A run is set beside a paper row when its recipe (``lm.config.recipe`` of its
+resolved config) is that of the row's experiment preset, whatever its name; a run
+named after a paper experiment with another recipe is listed apart. ``--with-runs runs`` also prints the table with your own runs from
 ``runs/`` (sweeps included) beside them; ``results/README.md`` keeps only the
 committed runs.
 """
@@ -11,6 +13,7 @@ committed runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from collections import defaultdict
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lm.checkpoint import atomic_write, atomic_write_text
+from lm.config import ConfigError, compose, recipe, validate, validate_saved
 
 # Zaremba et al. 2014, Table 1 (valid, test), keyed by our experiment names.
 PAPER_TABLE_1: dict[str, tuple[str, float, float]] = {
@@ -49,6 +53,35 @@ class Run:
     @property
     def name(self) -> str:
         return self.metrics["name"]
+
+    @functools.cached_property
+    def recipe(self) -> dict[str, Any] | None:
+        """The recipe of the run's resolved config (keys added since it ran take today's defaults);
+        None if that config no longer validates."""
+        try:
+            return recipe(validate_saved(self.metrics["config"]))
+        except ConfigError:
+            return None
+
+
+@functools.cache
+def reference_recipes() -> dict[str, dict[str, Any]]:
+    """{experiment: its recipe} for every preset with a published number."""
+    return {name: recipe(validate(compose("train", [f"experiment={name}"]))) for name in REFERENCE_ROWS}
+
+
+def paper_experiment(run: Run) -> str | None:
+    """The experiment with a published number whose recipe the run's is, if any."""
+    return next((name for name, ref in reference_recipes().items() if run.recipe == ref), None)
+
+
+def recipe_difference(run: Run, experiment: str) -> str:
+    """How a run's recipe differs from ``experiment``'s, in words."""
+    if run.recipe is None:
+        return "its config no longer validates"
+    ref = reference_recipes()[experiment]
+    keys = sorted(set(ref) | set(run.recipe))
+    return ", ".join(f"{k} {run.recipe.get(k, '-')} (recipe: {ref.get(k, '-')})" for k in keys if run.recipe.get(k) != ref.get(k))
 
 
 def find_runs(root: Path, filename: str = "metrics.json") -> list[Run]:
@@ -92,32 +125,51 @@ def runs_table(runs: list[Run]) -> str:
 
 
 def comparison_table(runs: list[Run]) -> str:
-    """One row per paper experiment: mean ± std over runs, the paper's numbers, the gap.
+    """One row per paper experiment: mean ± std over the completed runs of its recipe, the paper's numbers, the gap.
 
-    Only the presets with a published number are compared (other runs, such as the
-    ablation's placements, differ in config under one name and are listed per run)."""
-    by_name: dict[str, list[Run]] = defaultdict(list)
+    Runs of other recipes (the ablation's placements, a changed schedule under a paper
+    experiment's name) are not compared; they are listed per run."""
+    by_experiment: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        if r.metrics.get("completed", True) and r.name in REFERENCE_ROWS:  # smoke runs are listed below
-            by_name[r.name].append(r)
+        experiment = paper_experiment(r) if r.metrics.get("completed", True) else None  # smoke runs are listed below
+        if experiment is not None:
+            by_experiment[experiment].append(r)
     header = (
         "| experiment | runs | valid (ours) | test (ours, paper protocol) | paper row | paper valid | paper test | gap test |\n"
         "|---|---|---|---|---|---|---|---|"
     )
     rows = []
-    for name in sorted(by_name):
-        group = by_name[name]
+    for name in sorted(by_experiment):
+        group = by_experiment[name]
         valid = [r.metrics["valid_ppl"] for r in group]
         test = [r.metrics["test_ppl"] for r in group]
-        paper = REFERENCE_ROWS.get(name)
-        if paper:
-            label, p_valid, p_test = paper
-            gap = f"{statistics.mean(test) - p_test:+.2f}"
-            paper_cells = f"{label} | {p_valid:.1f} | {p_test:.1f} | {gap}"
-        else:
-            paper_cells = " | | | "
-        rows.append(f"| {name} | {len(group)} | {_mean_std(valid)} | {_mean_std(test)} | {paper_cells} |")
+        label, p_valid, p_test = REFERENCE_ROWS[name]
+        rows.append(
+            f"| {name} | {len(group)} | {_mean_std(valid)} | {_mean_std(test)} | {label} | {p_valid:.1f} | {p_test:.1f} | "
+            f"{statistics.mean(test) - p_test:+.2f} |"
+        )
     return "\n".join([header, *rows])
+
+
+def other_recipes_table(runs: list[Run]) -> str | None:
+    """The completed runs named after a paper experiment whose recipe is none of them; None if there are none."""
+    apart = [r for r in runs if r.metrics.get("completed", True) and r.name in REFERENCE_ROWS and paper_experiment(r) is None]
+    if not apart:
+        return None
+    header = "| run | name | differs from that experiment's recipe in |\n|---|---|---|"
+    return "\n".join([header, *(f"| `{r.path.as_posix()}` | {r.name} | {recipe_difference(r, r.name)} |" for r in apart)])
+
+
+def ensemble_experiment(ensemble: Run) -> str | None:
+    """The paper experiment whose recipe every member has (read from the metrics.json beside each
+    member's checkpoint), or None if a member's run is not found or the recipes differ."""
+    experiments = set()
+    for checkpoint in ensemble.metrics["checkpoints"]:
+        metrics = Path(checkpoint).parent / "metrics.json"  # as the ensemble was given them: from the repository root
+        if not metrics.is_file():
+            return None
+        experiments.add(paper_experiment(Run(metrics.parent, json.loads(metrics.read_text()))))
+    return experiments.pop() if len(experiments) == 1 else None
 
 
 def ensemble_table(ensembles: list[Run]) -> str:
@@ -128,7 +180,7 @@ def ensemble_table(ensembles: list[Run]) -> str:
     rows = []
     for e in ensembles:
         m = e.metrics
-        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(e.name, []))
+        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(ensemble_experiment(e) or "", []))
         rows.append(
             f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
             f"{_fmt(m['results']['test']['batched']['ppl'])} | {paper} |"
@@ -151,8 +203,12 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
     parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "",
               "Mean ± standard deviation over the completed runs of each paper experiment (runs cut short by",
               "`trainer.max_steps`, and runs of studies without a paper number, are listed under Runs only).", "",
-              comparison_table(runs), "",
-              "## Runs", "", runs_table(runs), "",
+              comparison_table(runs), ""]
+    apart = other_recipes_table(runs)
+    if apart:
+        parts += ["Not compared: runs named after a paper experiment whose recipe (the resolved config) is another.", "",
+                  apart, ""]
+    parts += ["## Runs", "", runs_table(runs), "",
               "Learning curves: `curve.png` in each run folder.", ""]
     if ensembles:
         parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
@@ -161,7 +217,7 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
 
 def new_figure(figsize: tuple[float, float]):
     """A (fig, ax) pair drawn off-screen (no display needed)."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a plot is drawn (--no-plots and the tables do without)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,7 +227,7 @@ def new_figure(figsize: tuple[float, float]):
 
 def save_epoch_plot(fig, ax, title: str, ylabel: str, out: Path) -> None:
     """Perplexity per epoch on a log axis, written atomically as PNG (same inputs, same bytes)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: see new_figure
 
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -190,7 +246,7 @@ def plot_curve(run: Run, out: Path) -> None:
     fig, ax = new_figure((6, 4))
     ax.plot(xs, [e["train_ppl"] for e in epochs], marker="o", label="train")
     ax.plot(xs, [e["valid_ppl"] for e in epochs], marker="o", label="valid")
-    paper = PAPER_TABLE_1.get(run.name)
+    paper = PAPER_TABLE_1.get(paper_experiment(run) or "")
     if paper:
         ax.axhline(paper[1], color="gray", linestyle="--", linewidth=1, label=f"paper valid {paper[1]}")
     save_epoch_plot(fig, ax, f"{run.name} (seed {run.metrics['seed']})", "perplexity", out)

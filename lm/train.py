@@ -15,15 +15,14 @@ import math
 import os
 import platform
 import signal
-import sys
-import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import (
@@ -35,12 +34,16 @@ from lm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lm.config import ConfigError, DataConfig, OptimConfig, TrainConfig, validate, validate_saved
-from lm.data import Corpus, DataError, batchify, bptt_windows, ensure_ptb, load_corpus, resolve_data_dir
+from lm.cli import run_hydra
+from lm.config import (
+    ConfigError, DataConfig, OptimConfig, TrainConfig, check_group_choices, ignored_overrides, validate, validate_saved,
+)
+from lm.data import Corpus, DataError, batchify, bptt_windows
 from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
+from lm.runtime import git_commit, load_data, select_device
 
 log = logging.getLogger("lm.train")
 
@@ -61,32 +64,34 @@ def learning_rate(epoch: int, optim: OptimConfig) -> float:
     return optim.lr * optim.lr_decay ** max(epoch + shift - optim.decay_start_epoch, 0)
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device is cuda but no GPU is visible: use trainer.device=cpu")
-    return torch.device(name)
+# ---------------------------------------------------------------- one window, one epoch
 
 
-def load_data(data: DataConfig) -> Corpus:
-    folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")
-    if data.name == "ptb":
-        ensure_ptb(folder, data.url, download=data.download)
-    return load_corpus(folder)
+@dataclass(frozen=True)
+class StepRecipe:
+    """How every window of a run is trained (the paper's step and its options)."""
+
+    max_grad_norm: float  # global L2 norm the gradients are clipped to
+    weight_decay: float = 0.0  # fraction of every weight removed after each step, independent of the lr
+    autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
+    skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
+    reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None  # data parallel: between backward and clip
 
 
-def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
+@dataclass(frozen=True)
+class EpochLoop:
+    """Where one call of ``train_epoch`` stops, and whom it tells how it goes."""
 
+    max_steps: int | None = None  # steps of this call
+    should_stop: Callable[[], bool] = lambda: False  # asked before every step
+    epoch: int = 1  # 1-based, for messages
+    step_offset: int = 0  # optimizer steps before this call: steps are numbered globally
+    log_every: int = 100  # steps between host syncs: the non-finite check and ``on_log``
+    on_log: Callable[[int, float, float], None] | None = None  # (step, mean training NLL so far, grad norm)
+    bar: Any = None  # a progress bar, advanced by the tokens of each step
 
-# ---------------------------------------------------------------- one epoch
+    def keeps_going(self, steps_here: int) -> bool:
+        return not self.should_stop() and (self.max_steps is None or steps_here < self.max_steps)
 
 
 @dataclass
@@ -114,111 +119,191 @@ class EpochProgress:
         return cls(**d)
 
 
+class StepResult(NamedTuple):
+    loss_sum: torch.Tensor  # summed over the window's tokens (nats), detached
+    grad_norm: torch.Tensor  # before clipping, detached
+    finite: torch.Tensor  # both of the above finite (a tensor: no host sync)
+    state: State  # carried into the next window
+    applied: bool  # False for a skipped non-finite step
+
+
+def train_step(model: LSTMLanguageModel, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe) -> StepResult:
+    """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update."""
+    state = detach_state(state)
+    with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
+        logits, state = model(x, state)
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+    (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
+    if recipe.reduce_gradients is not None:
+        recipe.reduce_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm, foreach=True)
+    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    applied = not (recipe.skip_nonfinite and not bool(finite))
+    if applied:
+        optimizer.step()
+        shrink_weights(params, recipe.weight_decay)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum.detach(), grad_norm.detach(), finite, state, applied)
+
+
+def shrink_weights(params: list[torch.nn.Parameter], fraction: float) -> None:
+    """w -= fraction * w, not scaled by the lr (Gal & Ghahramani's Lua code; SGD's own option would scale it)."""
+    if fraction:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.0 - fraction)
+
+
 def train_epoch(
     model: LSTMLanguageModel,
     windows: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    max_grad_norm: float,
+    recipe: StepRecipe | float | None = None,
     progress: EpochProgress | None = None,
-    *,
-    max_steps: int | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    skip_nonfinite: bool = False,
-    epoch: int = 1,
-    step_offset: int = 0,
-    bar: Any = None,
-    on_log: Callable[[int, float, float], None] | None = None,
-    log_every: int = 100,
-    reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
-    weight_decay: float = 0.0,
-    autocast_dtype: torch.dtype | None = None,
+    loop: EpochLoop | None = None,
+    **fields: Any,
 ) -> EpochProgress:
     """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
 
-    Stops at the end of the windows, after ``max_steps`` steps of this call, or
-    at the first step boundary after ``should_stop()`` turns true. The host
-    syncs only every ``log_every`` steps (and per step with ``skip_nonfinite``).
-    ``reduce_gradients`` (data-parallel training) runs between backward and clipping.
-    ``weight_decay`` shrinks every weight by that fraction after each step,
-    independent of the lr (Gal & Ghahramani's Lua code; SGD's own option would scale it by lr).
-    ``autocast_dtype`` (bf16) runs the forward under autocast; weights, loss and state stay fp32.
+    Stops at the end of the windows, after ``loop.max_steps`` steps of this call, or at the first
+    step boundary after ``loop.should_stop()`` turns true. The host syncs only every
+    ``loop.log_every`` steps (and per step with ``recipe.skip_nonfinite``). Short form for scripts
+    and tests: a number as ``recipe`` is its ``max_grad_norm``, and a field of either object can be
+    given by name, e.g. ``train_epoch(model, windows, opt, 5.0, autocast_dtype=torch.bfloat16)``.
     """
+    recipe, loop = _epoch_options(recipe, loop, fields)
     progress = progress or EpochProgress()
     model.train()
     device = next(model.parameters()).device
     params = list(model.parameters())
-    batch_size = windows[0][0].size(0)
-    state = progress.state if progress.state is not None else model.init_state(batch_size)
+    state = progress.state if progress.state is not None else model.init_state(windows[0][0].size(0))
     nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
     norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
-    steps_here = 0
-    start = time.perf_counter()
-
-    def check_finite() -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            raise NonFiniteError(f"non-finite loss or gradient norm at epoch {epoch}, step {bad}")
-
-    index = progress.window
-    while index < len(windows):
-        if should_stop() or (max_steps is not None and steps_here >= max_steps):
-            break
-        x, y = windows[index]
-        index += 1
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        state = detach_state(state)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, state = model(x, state)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
-        (loss_sum / batch_size).backward()  # summed over time, averaged over the batch
-        if reduce_gradients is not None:
-            reduce_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        step = step_offset + steps_here + 1
-        if skip_nonfinite and not bool(finite):
-            optimizer.zero_grad(set_to_none=True)
-            progress.skipped += 1
-            progress.steps += 1
-            steps_here += 1
-            continue
-        optimizer.step()
-        if weight_decay:
-            with torch.no_grad():
-                for p in params:
-                    p.mul_(1.0 - weight_decay)
-        optimizer.zero_grad(set_to_none=True)
-        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
-        nll += loss_sum.detach().double()
-        norm_sum += grad_norm.detach().double()
-        progress.tokens += y.numel()
+    steps_here, start = 0, time.perf_counter()
+    while progress.window < len(windows) and loop.keeps_going(steps_here):
+        x, y = (t.to(device, non_blocking=True) for t in windows[progress.window])
+        progress.window += 1
         progress.steps += 1
         steps_here += 1
+        step = loop.step_offset + steps_here
+        result = train_step(model, params, optimizer, x, y, state, recipe)
+        state = result.state
+        if not result.applied:
+            progress.skipped += 1
+            continue
+        first_bad = torch.where((first_bad < 0) & ~result.finite, step, first_bad)
+        nll += result.loss_sum.double()
+        norm_sum += result.grad_norm.double()
+        progress.tokens += y.numel()
         fault_point("step", step)
-        if bar is not None:
-            bar.update(y.numel())
-        if steps_here % log_every == 0:
-            check_finite()
-            if on_log is not None:
-                on_log(step, float(nll) / max(progress.tokens, 1), float(grad_norm))
-    check_finite()
-    progress.window = index
+        if loop.bar is not None:
+            loop.bar.update(y.numel())
+        if steps_here % loop.log_every == 0:
+            _raise_if_nonfinite(first_bad, loop.epoch)
+            if loop.on_log is not None:
+                loop.on_log(step, float(nll) / max(progress.tokens, 1), float(result.grad_norm))
+    _raise_if_nonfinite(first_bad, loop.epoch)
     progress.nll, progress.norm_sum = float(nll), float(norm_sum)
     progress.seconds += time.perf_counter() - start
     progress.state = detach_state(state)
     return progress
 
 
-# ---------------------------------------------------------------- the run
+def _epoch_options(recipe: StepRecipe | float | None, loop: EpochLoop | None, fields: dict[str, Any]) -> tuple[StepRecipe, EpochLoop]:
+    """``train_epoch``'s arguments as the two objects (see its short form)."""
+    own = {k: fields.pop(k) for k in list(fields) if k in StepRecipe.__dataclass_fields__}
+    if isinstance(recipe, StepRecipe):
+        recipe = dataclasses.replace(recipe, **own)
+    else:
+        recipe = StepRecipe(**({} if recipe is None else {"max_grad_norm": recipe}), **own)
+    return recipe, dataclasses.replace(loop or EpochLoop(), **fields)
 
 
-class _NullWriter:
-    """Stands in for TensorBoard's writer on ranks other than 0."""
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad)  # a host sync
+    if bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient norm at epoch {epoch}, step {bad}")
 
-    def add_scalar(self, *args: Any, **kwargs: Any) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+
+# ---------------------------------------------------------------- the state of a run
+
+
+@dataclass
+class Run:
+    """One training run: what ``prepare_run`` sets up, and what a checkpoint saves of it."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    overrides: list[str]
+    started: float  # perf_counter when this process began the run
+    device: torch.device
+    group: Group
+    corpus: Corpus
+    windows: list[tuple[torch.Tensor, torch.Tensor]]  # this rank's training windows, on the device
+    valid_data: torch.Tensor
+    model: LSTMLanguageModel
+    optimizer: torch.optim.Optimizer
+    recipe: StepRecipe
+    config_dict: dict[str, Any]  # the resolved config, as checkpoints and metrics.json store it
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    epochs_done: int = 0
+    step: int = 0  # optimizer steps so far, over all epochs and processes
+    best_valid: float = math.inf
+    partial: EpochProgress | None = None  # a resumed mid-epoch position, taken up by the next epoch
+    wall_before: float = 0.0  # wall time of this run's earlier processes (resumes)
+    sessions: int = 1  # processes this run has taken, this one included
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def wall_seconds(self) -> float:
+        """Wall time of the run, summed over its processes."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def max_steps_reached(self) -> bool:
+        return self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
+
+    def checkpoint_payload(self, partial: EpochProgress | None) -> dict[str, Any]:
+        """Everything a resume needs; ``partial`` is a mid-epoch position with every rank's streams."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "config": self.config_dict,
+            "vocab": self.corpus.vocab.itos,
+            "epoch": self.epochs_done,
+            "step": self.step,
+            "history": self.history,
+            "best_valid_ppl": self.best_valid,
+            "partial_epoch": partial.to_dict() if partial else None,
+            "wall_seconds": self.wall_seconds(),
+            "sessions": self.sessions,
+        }
+
+    def save(self, partial: EpochProgress | None = None) -> None:
+        """Write the checkpoint (rank 0), atomically; collective when ``partial`` is given."""
+        partial = _global_progress(partial, self.group) if partial else None
+        if self.group.is_main:
+            save_checkpoint(self.checkpoint_path, self.checkpoint_payload(partial),
+                            before_commit=lambda: fault_point("checkpoint", self.epochs_done))
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Take up the state a checkpoint saved (the inverse of ``checkpoint_payload``)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.history, self.epochs_done, self.step = ckpt["history"], ckpt["epoch"], ckpt["step"]
+        self.best_valid = ckpt["best_valid_ppl"]
+        if ckpt.get("partial_epoch"):
+            saved = EpochProgress.from_dict(ckpt["partial_epoch"])
+            self.partial = _local_progress(saved, self.group, self.cfg.data.batch_size, self.device)
+        # checkpoints from before this was recorded: the time their epochs and evaluations took
+        self.wall_before = ckpt.get("wall_seconds", sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in self.history)
+                                    + (self.partial.seconds if self.partial else 0.0))
+        self.sessions = ckpt.get("sessions", 1) + 1
 
 
 def _global_progress(progress: EpochProgress, group: Group) -> EpochProgress:
@@ -235,6 +320,102 @@ def _local_progress(progress: EpochProgress, group: Group, batch_size: int, devi
     if not group.is_main:  # the sums are carried by rank 0 only, so that reducing them again is right
         return dataclasses.replace(progress, nll=0.0, tokens=0, state=state)
     return dataclasses.replace(progress, state=state)
+
+
+# ---------------------------------------------------------------- the run, step by step
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics.
+
+    Raises ``TrainingInterrupted`` after checkpointing when a stop signal arrives,
+    and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
+    """
+    run = prepare_run(cfg, Path(out_dir), list(overrides or []))
+    try:
+        resume_if_asked(run)
+        train_epochs(run)
+        results = evaluate_final(run)
+    finally:
+        run.group.close()
+    return write_metrics(run, results)
+
+
+def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
+    """The output folder, the device and processes, the data, a fresh model and optimizer."""
+    started = time.perf_counter()
+    for key in ignored_overrides(cfg, overrides):
+        log.warning("%s has no effect with model.dropout_variant=%s: see configs/train.yaml", key, cfg.model.dropout_variant)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
+        stale.unlink()
+    device, group = _set_up_processes(cfg)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    corpus = load_data(cfg.data)
+    windows, valid_data = _training_data(corpus, cfg.data, group, device)
+    torch.manual_seed(cfg.trainer.seed)
+    model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    recipe = StepRecipe(
+        max_grad_norm=cfg.optim.max_grad_norm, weight_decay=cfg.optim.weight_decay,
+        autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
+        skip_nonfinite=cfg.trainer.nonfinite == "skip",
+        reduce_gradients=group.average_gradients if group.active else None,
+    )
+    return Run(cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict)
+
+
+def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:
+    """Threads, the device, and the process group when started by torchrun."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = select_device(cfg.trainer.device)
+    if cfg.trainer.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use trainer.precision=fp32")
+    group = init_group(device.type == "cuda")
+    if group.active:
+        if cfg.data.batch_size % group.world_size:
+            raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be divisible by the {group.world_size} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", group.local_rank)
+        if not group.is_main:
+            log.setLevel(logging.WARNING)
+    return device, group
+
+
+def _training_data(corpus: Corpus, data: DataConfig, group: Group, device: torch.device) -> tuple[list, torch.Tensor]:
+    """This rank's training windows on the device, and the batched validation split."""
+    train_data = batchify(corpus.train, data.batch_size)
+    valid_data = batchify(corpus.valid, data.batch_size)
+    batchify(corpus.test, 1)  # fail early if the test split cannot be evaluated
+    if data.bptt >= train_data.size(1):
+        raise DataError(
+            f"data.bptt {data.bptt} is not shorter than each of the {data.batch_size} training streams "
+            f"({train_data.size(1)} tokens): lower data.bptt or data.batch_size"
+        )
+    # this rank's streams, on the device once (a per-step copy from pageable memory would sync the host on GPU)
+    return bptt_windows(train_data[group.rows(data.batch_size)].to(device), data.bptt), valid_data
+
+
+def resume_if_asked(run: Run) -> None:
+    """With ``trainer.resume``, continue from a checkpoint of the same model and corpus."""
+    path = resolve_resume(run.cfg.trainer.resume, run.out_dir)
+    if path is None:
+        return
+    ckpt = load_checkpoint(path)
+    _check_resumable(ckpt, run.cfg, len(run.corpus.vocab))
+    run.restore(ckpt)
+    where = f"epoch {run.epochs_done + 1}, window {run.partial.window}" if run.partial else f"the end of epoch {run.epochs_done}"
+    log.info("resumed from %s at %s (step %d)", path, where, run.step)
+
+
+def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        path = out_dir / CHECKPOINT_NAME
+        return path if path.exists() else None
+    return Path(resume)
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
@@ -254,191 +435,129 @@ def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) ->
         raise CheckpointError("checkpoint is from another model (weight dropping on in one, off in the other): resume with the same model.weight_drop")
 
 
-def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    if resume is None or resume == "":
-        return None
-    if resume == "auto":
-        path = out_dir / CHECKPOINT_NAME
-        return path if path.exists() else None
-    return Path(resume)
-
-
-def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics.
-
-    Raises ``TrainingInterrupted`` after checkpointing when a stop signal arrives,
-    and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    wall_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
-        stale.unlink()
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    device = select_device(cfg.trainer.device)
-    autocast_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
-    if autocast_dtype is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use trainer.precision=fp32")
-    group = init_group(device.type == "cuda")
-    if group.active:
-        if cfg.data.batch_size % group.world_size:
-            raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be divisible by the {group.world_size} processes")
-        if device.type == "cuda":
-            device = torch.device("cuda", group.local_rank)
-        if not group.is_main:
-            log.setLevel(logging.WARNING)
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-    corpus = load_data(cfg.data)
-    train_data = batchify(corpus.train, cfg.data.batch_size)
-    valid_data = batchify(corpus.valid, cfg.data.batch_size)
-    batchify(corpus.test, 1)  # fail early if the test split cannot be evaluated
-    if cfg.data.bptt >= train_data.size(1):
-        raise DataError(
-            f"data.bptt {cfg.data.bptt} is not shorter than each of the {cfg.data.batch_size} training streams "
-            f"({train_data.size(1)} tokens): lower data.bptt or data.batch_size"
-        )
-    # this rank's streams, on the device once (a per-step copy from pageable memory would sync the host on GPU)
-    windows = bptt_windows(train_data[group.rows(cfg.data.batch_size)].to(device), cfg.data.bptt)
-
-    torch.manual_seed(cfg.trainer.seed)
-    model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-    history: list[dict[str, Any]] = []
-    start_epoch = global_step = 0
-    best_valid = math.inf
-    partial: EpochProgress | None = None
-    wall_before, sessions = 0.0, 1  # wall time and processes of this run before this one (resumes)
-
-    resume_path = resolve_resume(cfg.trainer.resume, out_dir)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        _check_resumable(ckpt, cfg, len(corpus.vocab))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        history, start_epoch, global_step = ckpt["history"], ckpt["epoch"], ckpt["step"]
-        best_valid = ckpt["best_valid_ppl"]
-        if ckpt.get("partial_epoch"):
-            partial = _local_progress(EpochProgress.from_dict(ckpt["partial_epoch"]), group, cfg.data.batch_size, device)
-        # checkpoints from before this was recorded: the time their epochs and evaluations took
-        wall_before = ckpt.get("wall_seconds", sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in history)
-                               + (partial.seconds if partial else 0.0))
-        sessions = ckpt.get("sessions", 1) + 1
-        where = f"epoch {start_epoch + 1}, window {partial.window}" if partial else f"the end of epoch {start_epoch}"
-        log.info("resumed from %s at %s (step %d)", resume_path, where, global_step)
-
-    def save(epoch_done: int, partial_epoch: EpochProgress | None) -> None:
-        partial_epoch = _global_progress(partial_epoch, group) if partial_epoch else None  # collective
-        if not group.is_main:
-            return
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            "config": config_dict,
-            "vocab": corpus.vocab.itos,
-            "epoch": epoch_done,
-            "step": global_step,
-            "history": history,
-            "best_valid_ppl": best_valid,
-            "partial_epoch": partial_epoch.to_dict() if partial_epoch else None,
-            "wall_seconds": wall_before + time.perf_counter() - wall_start,
-            "sessions": sessions,
-        }, before_commit=lambda: fault_point("checkpoint", epoch_done))
-
+def train_epochs(run: Run) -> None:
+    """The epochs left to train, each ending with validation and a checkpoint; a stop signal
+    ends the loop after a checkpoint (mid-epoch or at the epoch's end) with ``TrainingInterrupted``."""
+    cfg = run.cfg
     log.info(
         "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads, %s",
-        cfg.name, f"{count_parameters(model):,}", len(windows), cfg.data.batch_size, cfg.data.bptt, device, torch.get_num_threads(),
-        cfg.trainer.precision,
+        cfg.name, f"{count_parameters(run.model):,}", len(run.windows), cfg.data.batch_size, cfg.data.bptt, run.device,
+        torch.get_num_threads(), cfg.trainer.precision,
     )
-    writer = SummaryWriter(log_dir=str(out_dir / "tb")) if group.is_main else _NullWriter()
-    max_steps = cfg.trainer.max_steps
+    writer = _open_writer(run)
+    try:
+        with StopRequest() as stop:
+            for epoch in range(run.epochs_done, cfg.trainer.epochs):
+                if run.max_steps_reached():
+                    break
+                progress = _train_one_epoch(run, epoch, lambda: run.group.any(bool(stop)), writer)
+                stopped = run.group.any(bool(stop))
+                mid_epoch = progress.window < len(run.windows)
+                if stopped and mid_epoch:
+                    run.save(progress)
+                    _interrupt(stop, f"in epoch {epoch + 1} at step {run.step}", run.checkpoint_path)
+                _finish_epoch(run, epoch, progress, writer)
+                if stopped and epoch + 1 < cfg.trainer.epochs:
+                    _interrupt(stop, f"after epoch {epoch + 1}", run.checkpoint_path)
+    finally:
+        writer.close()
+
+
+def _open_writer(run: Run) -> Any:
+    """TensorBoard's writer into ``<run>/tb`` on rank 0; a stand-in that drops everything elsewhere."""
+    from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf): only a training run needs it
+
+    return SummaryWriter(log_dir=str(run.out_dir / "tb")) if run.group.is_main else _NullWriter()
+
+
+class _NullWriter:
+    """Stands in for TensorBoard's writer on ranks other than 0."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _train_one_epoch(run: Run, epoch: int, should_stop: Callable[[], bool], writer: Any) -> EpochProgress:
+    """Train the 0-based ``epoch`` at its lr, from a resumed position if there is one."""
+    from tqdm import tqdm  # optional display; imported with the training loop, not by every user of lm.train
+
+    cfg = run.cfg
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = learning_rate(epoch, cfg.optim)
+    progress, run.partial = run.partial or EpochProgress(), None
+    remaining = None if cfg.trainer.max_steps is None else cfg.trainer.max_steps - run.step
+    todo = len(run.windows) - progress.window
+    steps_before = progress.steps
 
     def on_log(step: int, mean_nll: float, grad_norm: float) -> None:
         writer.add_scalar("train/step_ppl", math.exp(min(mean_nll, 50.0)), step)
         writer.add_scalar("train/grad_norm", grad_norm, step)
 
     try:
-        with StopRequest() as stop:
-            for epoch in range(start_epoch, cfg.trainer.epochs):
-                if max_steps is not None and global_step >= max_steps:
-                    break
-                lr = learning_rate(epoch, cfg.optim)
-                for param_group in optimizer.param_groups:
-                    param_group["lr"] = lr
-                progress, partial = partial or EpochProgress(), None
-                remaining = None if max_steps is None else max_steps - global_step
-                todo = len(windows) - progress.window
-                total = min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt
-                steps_before = progress.steps
-                try:
-                    with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", unit="w", unit_scale=True,
-                              disable=not (cfg.trainer.progress and group.is_main), leave=False, dynamic_ncols=True) as bar:
-                        progress = train_epoch(
-                            model, windows, optimizer, cfg.optim.max_grad_norm, progress,
-                            max_steps=remaining, should_stop=lambda: group.any(bool(stop)), skip_nonfinite=cfg.trainer.nonfinite == "skip",
-                            epoch=epoch + 1, step_offset=global_step, bar=bar, on_log=on_log, log_every=cfg.trainer.log_every,
-                            reduce_gradients=group.average_gradients if group.active else None,
-                            weight_decay=cfg.optim.weight_decay, autocast_dtype=autocast_dtype,
-                        )
-                except NonFiniteError as err:
-                    kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint was written yet"
-                    raise NonFiniteError(f"{err}; stopped, {kept} (try a lower optim.lr or optim.max_grad_norm)") from None
-                global_step += progress.steps - steps_before
-                stopped = group.any(bool(stop))
-                if progress.window < len(windows) and stopped:
-                    save(epoch, progress)
-                    stop.forward()
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
-                        f"stopped by {stop.name or 'another rank'} in epoch {epoch + 1} at step {global_step}; checkpoint {checkpoint_path}. "
-                        f"Resume with the same command plus trainer.resume=auto"))
-                fault_point("eval", epoch + 1)
-                eval_start = time.perf_counter()
-                valid_ppl = perplexity(*evaluate(model, valid_data, cfg.data.bptt))  # every rank: the same number
-                best_valid = min(best_valid, valid_ppl)
-                train_nll, train_tokens = group.sum([progress.nll, progress.tokens])
-                record = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_ppl": perplexity(train_nll, int(train_tokens)),
-                    "valid_ppl": valid_ppl,
-                    "words_per_s": train_tokens / progress.seconds,
-                    "seconds": progress.seconds,
-                    "eval_seconds": time.perf_counter() - eval_start,
-                    "steps": progress.steps,
-                    "skipped_steps": progress.skipped,
-                    "grad_norm": progress.grad_norm,
-                }
-                history.append(record)
-                for key in ("train_ppl", "valid_ppl", "lr", "grad_norm", "words_per_s"):
-                    writer.add_scalar(f"epoch/{key}", record[key], epoch + 1)
-                writer.flush()
-                log.info(
-                    "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
-                    epoch + 1, lr, record["train_ppl"], valid_ppl, record["words_per_s"], progress.seconds,
-                )
-                save(epoch + 1, None)
-                if stopped and epoch + 1 < cfg.trainer.epochs:
-                    stop.forward()
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
-                        f"stopped by {stop.name or 'another rank'} after epoch {epoch + 1}; checkpoint {checkpoint_path}. "
-                        f"Resume with the same command plus trainer.resume=auto"))
-    finally:
-        writer.close()
-        if sys.exc_info()[0] is not None:
-            group.close()
+        with tqdm(total=min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt, unit="w", unit_scale=True,
+                  desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", disable=not (cfg.trainer.progress and run.group.is_main),
+                  leave=False, dynamic_ncols=True) as bar:
+            loop = EpochLoop(max_steps=remaining, should_stop=should_stop, epoch=epoch + 1, step_offset=run.step,
+                             log_every=cfg.trainer.log_every, on_log=on_log, bar=bar)
+            progress = train_epoch(run.model, run.windows, run.optimizer, run.recipe, progress, loop)
+    except NonFiniteError as err:
+        kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
+        raise NonFiniteError(f"{err}; stopped, {kept} (try a lower optim.lr or optim.max_grad_norm)") from None
+    run.step += progress.steps - steps_before
+    return progress
 
+
+def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) -> None:
+    """Validate, record the epoch (history, TensorBoard, log) and write the checkpoint."""
+    fault_point("eval", epoch + 1)
+    eval_start = time.perf_counter()
+    valid_ppl = perplexity(*evaluate(run.model, run.valid_data, run.cfg.data.bptt))  # every rank: the same number
+    run.best_valid = min(run.best_valid, valid_ppl)
+    train_nll, train_tokens = run.group.sum([progress.nll, progress.tokens])
+    record = {
+        "epoch": epoch + 1,
+        "lr": learning_rate(epoch, run.cfg.optim),
+        "train_ppl": perplexity(train_nll, int(train_tokens)),
+        "valid_ppl": valid_ppl,
+        "words_per_s": train_tokens / progress.seconds,
+        "seconds": progress.seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        "steps": progress.steps,
+        "skipped_steps": progress.skipped,
+        "grad_norm": progress.grad_norm,
+    }
+    run.history.append(record)
+    for key in ("train_ppl", "valid_ppl", "lr", "grad_norm", "words_per_s"):
+        writer.add_scalar(f"epoch/{key}", record[key], epoch + 1)
+    writer.flush()
+    log.info(
+        "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
+        epoch + 1, record["lr"], record["train_ppl"], valid_ppl, record["words_per_s"], progress.seconds,
+    )
+    run.epochs_done = epoch + 1
+    run.save()
+
+
+def _interrupt(stop: StopRequest, where: str, checkpoint: Path) -> NoReturn:
+    """The one way a stop signal ends training: after the checkpoint, pass the signal on and raise."""
+    stop.forward()
+    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
+        f"stopped by {stop.name or 'another rank'} {where}; checkpoint {checkpoint}. "
+        f"Resume with the same command plus trainer.resume=auto"))
+
+
+def evaluate_final(run: Run) -> dict[str, dict[str, dict[str, float]]]:
+    """Valid and test perplexity under both protocols (``lm.evaluate``)."""
     log.info("final evaluation (valid and test, both protocols)")
-    results = evaluate_all(model, corpus, cfg.data.batch_size, cfg.data.bptt, cfg.trainer.eval_window)
-    group.close()
-    metrics = {
-        "name": cfg.name,
+    return evaluate_all(run.model, run.corpus, run.cfg.data.batch_size, run.cfg.data.bptt, run.cfg.trainer.eval_window)
+
+
+def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the numbers, the history and how they were made."""
+    history = run.history
+    return {
+        "name": run.cfg.name,
         "valid_ppl": results["valid"]["batched"]["ppl"],
         "test_ppl": results["test"]["stream"]["ppl"],
         "valid_protocol": "batched",
@@ -446,28 +565,34 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
         "protocols": PROTOCOL_DESCRIPTIONS,
         "eval": {s: {p: r["ppl"] for p, r in by_p.items()} for s, by_p in results.items()},
         "test_predictions": results["test"]["stream"]["tokens"],
-        "best_valid_ppl": best_valid,
+        "best_valid_ppl": run.best_valid,
         "epochs": history,
-        "steps": global_step,
-        "completed": len(history) == cfg.trainer.epochs and history[-1]["steps"] == len(windows) if history else False,
+        "steps": run.step,
+        "completed": len(history) == run.cfg.trainer.epochs and history[-1]["steps"] == len(run.windows) if history else False,
         "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
-        "wall_seconds": wall_before + time.perf_counter() - wall_start,  # summed over resumes
-        "sessions": sessions,
-        "parameters": count_parameters(model),
-        "seed": cfg.trainer.seed,
-        "config": config_dict,
-        "overrides": list(overrides or []),
+        "wall_seconds": run.wall_seconds(),  # summed over resumes
+        "sessions": run.sessions,
+        "parameters": count_parameters(run.model),
+        "seed": run.cfg.trainer.seed,
+        "config": run.config_dict,
+        "overrides": run.overrides,
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
-        "device": str(device),
+        "device": str(run.device),
         "threads": torch.get_num_threads(),
-        "processes": group.world_size,
+        "processes": run.group.world_size,
         "platform": platform.platform(),
     }
-    if group.is_main:
-        atomic_write_json(out_dir / METRICS_NAME, metrics)
-    log.info("valid ppl %.2f (batched)  test ppl %.2f (paper protocol)  -> %s", metrics["valid_ppl"], metrics["test_ppl"], out_dir / METRICS_NAME)
+
+
+def write_metrics(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """``metrics.json`` (rank 0, atomically); returns its content."""
+    metrics = metrics_record(run, results)
+    path = run.out_dir / METRICS_NAME
+    if run.group.is_main:
+        atomic_write_json(path, metrics)
+    log.info("valid ppl %.2f (batched)  test ppl %.2f (paper protocol)  -> %s", metrics["valid_ppl"], metrics["test_ppl"], path)
     return metrics
 
 
@@ -488,6 +613,7 @@ def preflight(cfg: DictConfig) -> None:
     """Checks that must pass before anything is written: config values, an existing finished run."""
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
+    check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
     run_dir = Path(cfg.hydra.run.dir)
     check_writable(run_dir, "hydra.run.dir")
     if (run_dir / METRICS_NAME).exists() and c.trainer.resume is None and not c.trainer.overwrite:
@@ -498,15 +624,12 @@ def preflight(cfg: DictConfig) -> None:
 
 
 def _train_job(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
+    check_group_choices(list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices)  # also each job of a sweep
     train(validate(cfg), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
 
 def _hydra_entry() -> None:
-    from lm.cli import run_hydra
-
     run_hydra(_train_job, "train", preflight=preflight)
 
 

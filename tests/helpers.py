@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lm.cli import compose
+from lm.config import compose
 from lm.config import TrainConfig, validate
 
 REPO = Path(__file__).resolve().parent.parent

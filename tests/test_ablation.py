@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm.ablation import describe, write_ablation
+from lm.ablation import ORDER, describe, write_ablation
 from lm.train import train
 
-from helpers import tiny_overrides, train_config
+from helpers import REPO, tiny_overrides, train_config
 
 
 def test_table_plot_and_copies_from_one_run_per_placement(shared_tiny_corpus, tmp_path: Path):
@@ -45,3 +45,8 @@ def test_descriptions_name_every_mask():
     assert "h_t-1, p=0.3" in describe({**base, "dropout_variant": "recurrent"})
     text = describe({**base, "dropout_variant": "variational", "weight_drop": 0.5, "tie_weights": True})
     assert "words 0.1, layer inputs 0.2, h_t-1 0.3, output 0.4" in text and "W_hh, p=0.5" in text and "tied" in text
+
+
+def test_the_table_order_names_every_placement_in_configs():
+    """configs/ablation/ is the list of placements (make ablation trains every file); ORDER only orders the table."""
+    assert sorted(ORDER) == sorted(p.stem for p in (REPO / "configs" / "ablation").glob("*.yaml"))

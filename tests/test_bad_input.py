@@ -115,6 +115,7 @@ CONFIG_CASES = [
     (["optim.weight_decay=1.5"], "optim.weight_decay must be in [0, 1)"),
     (["trainer.log_every=0"], "trainer.log_every must be a positive integer"),
     (["trainer.eval_window=0"], "trainer.eval_window must be a positive integer"),
+    (["experiment=zaremba_medium", "model.dropout_variant=variational"], "model.dropout=0.5 has no effect with model.dropout_variant=variational"),
 ]
 
 

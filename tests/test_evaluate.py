@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm.checkpoint import CheckpointError
-from lm.cli import compose
+from lm.config import compose
 from lm.data import batchify
 from lm.evaluate import evaluate, evaluate_mixture, perplexity, run_evaluation
 from lm.model import LSTMLanguageModel

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lm.checkpoint import load_checkpoint
-from lm.cli import compose
+from lm.config import compose
 from lm.config import ConfigError
 from lm.data import UNK, Vocab
 from lm.generate import encode_prompt, run_generation

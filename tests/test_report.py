@@ -1,12 +1,25 @@
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from lm.config import compose
 from lm.report import write_report
 from lm.train import train
 
 from helpers import tiny_overrides, train_config, write_corpus
+
+
+def as_trained_with(run_dir: Path, *overrides: str) -> None:
+    """Give a tiny run's metrics.json the name and resolved config of ``overrides`` (e.g. the small
+    recipe), as if it had been trained with them: the report reads nothing else."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["config"] = OmegaConf.to_container(compose("train", list(overrides)), resolve=True)
+    metrics["name"] = metrics["config"]["name"]
+    path.write_text(json.dumps(metrics))
 
 
 def test_report_tables_runs_with_mean_std_and_paper(tmp_path: Path):
@@ -15,6 +28,7 @@ def test_report_tables_runs_with_mean_std_and_paper(tmp_path: Path):
     for seed in (1, 2):
         cfg = train_config(tiny_overrides(corpus, "trainer.epochs=1", f"trainer.seed={seed}", "name=zaremba_small"))
         train(cfg, results / "zaremba_small" / f"seed-{seed}")
+        as_trained_with(results / "zaremba_small" / f"seed-{seed}", "experiment=zaremba_small", f"trainer.seed={seed}")
     smoke = train_config(tiny_overrides(corpus, "trainer.max_steps=3", "trainer.seed=3", "name=zaremba_small"))
     train(smoke, results / "zaremba_small" / "seed-3")
     text = write_report(results)
@@ -50,10 +64,60 @@ def test_local_runs_are_shown_beside_committed_ones_without_touching_results(tmp
     corpus = write_corpus(tmp_path / "corpus")
     results, runs = tmp_path / "results", tmp_path / "runs"
     train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small")), results / "zaremba_small" / "seed-1")
+    as_trained_with(results / "zaremba_small" / "seed-1", "experiment=zaremba_small")
     write_report(results)
     committed = (results / "README.md").read_bytes()
     train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small", "trainer.seed=7")), runs / "zaremba_small" / "seed-7")
+    as_trained_with(runs / "zaremba_small" / "seed-7", "experiment=zaremba_small", "trainer.seed=7")
     text = local_report(results, runs)
     assert "| zaremba_small | 2 |" in text and "`runs/zaremba_small/seed-7`" in text
     assert (results / "README.md").read_bytes() == committed
     assert (runs / "zaremba_small" / "seed-7" / "curve.png").exists()
+
+
+def test_a_run_is_compared_by_its_recipe_not_its_name(tmp_path: Path):
+    """Another cell, corpus or schedule under the name zaremba_small is listed apart, not averaged into
+    the paper's small row; the small recipe under another name (in bf16, 1 thread) is compared with it."""
+    corpus = write_corpus(tmp_path / "corpus")
+    results = tmp_path / "results"
+    cases = {
+        "small": ["experiment=zaremba_small"],
+        "other-name": ["experiment=zaremba_small", "name=mine", "trainer.precision=bf16", "trainer.threads=1"],
+        "gal-without-unused-rate": ["experiment=gal_medium", "model.dropout=0.0"],  # variational ignores model.dropout
+        "other-cell": ["experiment=zaremba_small", "model.dropout_variant=variational", "model.dropout_input=0.3"],
+        "other-corpus": ["experiment=zaremba_small", "data=custom", "data.dir=/elsewhere"],
+        "other-schedule": ["experiment=zaremba_small", "optim=zaremba_medium"],
+    }
+    for folder, overrides in cases.items():
+        train(train_config(tiny_overrides(corpus, "trainer.epochs=1")), results / folder)
+        as_trained_with(results / folder, *overrides)
+    compared = write_report(results, plots=False).partition("## Runs")[0]
+    assert "| zaremba_small | 2 |" in compared and "| gal_medium | 1 |" in compared
+    apart = [line for line in compared.splitlines() if line.startswith("| `")]
+    for line, (folder, differs) in zip(apart, [("other-cell", "model.dropout_variant variational (recipe: zaremba)"),
+                                               ("other-corpus", "data.name custom (recipe: ptb)"),
+                                               ("other-schedule", "optim.decay_start_epoch 6 (recipe: 4)")], strict=True):
+        assert line.startswith(f"| `{folder}` | zaremba_small |") and differs in line
+
+
+def test_an_ensemble_is_compared_when_all_its_members_have_the_recipe(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "corpus")
+    results = tmp_path / "results"
+    for seed, recipe in [(1, "experiment=zaremba_small"), (2, "experiment=zaremba_small"), (3, "experiment=zaremba_medium")]:
+        train(train_config(tiny_overrides(corpus, "trainer.max_steps=2", "trainer.epochs=1")), results / f"seed-{seed}")
+        as_trained_with(results / f"seed-{seed}", recipe)
+
+    def ensemble(folder: str, seeds: list[int]) -> None:
+        numbers = {"test": {"batched": {"ppl": 90.0}}}
+        checkpoints = [str(results / f"seed-{s}" / "checkpoint.pt") for s in seeds]
+        (results / folder).mkdir()
+        (results / folder / "ensemble.json").write_text(json.dumps(
+            {"name": "zaremba_small", "n_models": len(seeds), "checkpoints": checkpoints, "valid_ppl": 93.0, "test_ppl": 89.0,
+             "results": numbers}))
+
+    ensemble("same", [1, 2])
+    ensemble("mixed", [1, 3])
+    text = write_report(results, plots=False)
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 7}
+    assert rows["same"].endswith("| 2: 100.4 / 96.1; 5: 87.9 / 84.1; 10: 83.5 / 80.0 |")
+    assert rows["mixed"].endswith("| 90.00 |  |")  # members of two recipes: no paper row

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.cli import compose
+from lm.config import compose
 from lm.faults import TrainingInterrupted
 from lm.report import find_runs
 from lm.train import train
