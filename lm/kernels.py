@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -38,8 +39,6 @@ def _cpu_flags() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.machine() + platform.processor()
 
 
@@ -55,7 +54,7 @@ def fused() -> ModuleType | None:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
-        from torch.utils import cpp_extension  # heavy; only needed to build
+        import torch.utils.cpp_extension as cpp_extension  # heavy (setuptools); only needed to build
 
         return cpp_extension.load(
             name=build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,

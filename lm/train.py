@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, NoReturn
 
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,6 +41,7 @@ from lm.data import Corpus, DataError, batchify, bptt_windows
 from lm.distributed import Group, init_group
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
+from lm.loss import summed_nll
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
 from lm.runtime import git_commit, load_data, select_device
 
@@ -132,8 +132,8 @@ def train_step(model: LSTMLanguageModel, params: list[torch.nn.Parameter], optim
     """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update."""
     state = detach_state(state)
     with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
-        logits, state = model(x, state)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+        hidden, state = model.features(x, state)
+        loss_sum = summed_nll(model.decoder, hidden, y)  # the decoder and the loss, fused on CPU
     (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
     if recipe.reduce_gradients is not None:
         recipe.reduce_gradients(params)

@@ -101,19 +101,20 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_bit_identically(tiny_corpus, 
 
 
 def _poison_forward(monkeypatch, at_call: int) -> None:
-    """Make the model return NaN logits on its ``at_call``-th training forward pass."""
-    original = lm.model.LSTMLanguageModel.forward
+    """Make the model's training forward pass (``features``, which the fused loss reads) return
+    NaN on its ``at_call``-th call."""
+    original = lm.model.LSTMLanguageModel.features
     calls = {"n": 0}
 
-    def forward(self, x, state):
-        logits, state = original(self, x, state)
+    def features(self, x, state):
+        hidden, state = original(self, x, state)
         if self.training:
             calls["n"] += 1
             if calls["n"] == at_call:
-                logits = logits * float("nan")
-        return logits, state
+                hidden = hidden * float("nan")
+        return hidden, state
 
-    monkeypatch.setattr(lm.model.LSTMLanguageModel, "forward", forward)
+    monkeypatch.setattr(lm.model.LSTMLanguageModel, "features", features)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from helpers import REPO
 
 PACKAGE = REPO / "lm"
 # Loaded on first use, not at import: heavy, or needed by one path of one command.
-LAZY_ALLOWED = ("datasets", "hydra", "matplotlib", "torch.utils.tensorboard", "tqdm")
+LAZY_ALLOWED = ("datasets", "hydra", "matplotlib", "torch.utils.cpp_extension", "torch.utils.tensorboard", "tqdm")
 
 
 def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
@@ -19,7 +19,12 @@ def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
     lm_modules, nested = set(), []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif node.module == "lm":  # from lm import kernels
+                names = [f"lm.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
             lm_modules.update(n for n in names if n.startswith("lm."))
             if node.col_offset > 0:
                 nested.extend((node.lineno, n) for n in names)
