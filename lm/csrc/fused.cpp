@@ -22,6 +22,7 @@
 // dtype of the products (fp32 or bf16).
 
 #include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -171,6 +172,38 @@ void gather_dh(int64_t H, const scalar_t* __restrict rec, const float* __restric
   }
 }
 
+// The time loop's per-step product a @ weight^T, weight [n, k] as a linear layer holds it. In bf16
+// the weight is laid out for oneDNN once per window (mkldnn::_reorder_linear_weight) and every
+// step runs the packed product: otherwise each step re-packs the whole weight, which costs about a
+// quarter of the product's time at these shapes ([20, 650] x [650, 2600]). Elsewhere, or where
+// the packed ops are missing, at::mm.
+class StepProduct {
+ public:
+  StepProduct(const at::Tensor& weight, int64_t batch) : w_t_(weight.t()) {
+    if (weight.scalar_type() != at::kBFloat16) return;
+    try {
+      static const auto reorder = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_linear_weight", "");
+      torch::jit::Stack stack{weight.contiguous(), c10::IValue(batch)};
+      reorder.callBoxed(&stack);
+      packed_ = stack[0].toTensor();
+    } catch (const c10::Error&) {
+      packed_ = at::Tensor();  // no oneDNN bf16 here: plain products
+    }
+  }
+
+  at::Tensor operator()(const at::Tensor& a) const {
+    if (!packed_.defined()) return at::mm(a, w_t_);
+    static const auto linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{a.contiguous(), packed_, c10::IValue(), c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+    linear.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+ private:
+  at::Tensor w_t_, packed_;
+};
+
 template <typename scalar_t>
 std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
@@ -181,8 +214,7 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
   at::Tensor acts = at::empty({T, B, H4}, f32);
   at::Tensor cells = at::empty({T + 1, B, H}, f32);
   at::Tensor tanh_c = at::empty({T, B, H}, f32);
-  at::Tensor rec = at::empty({B, H4}, x_proj.options());
-  const at::Tensor w_t = w_hh.t();
+  const StepProduct product(w_hh, B);
   cells[0].copy_(c0);
 
   const bool has_mask = h_mask.has_value() && h_mask->defined();
@@ -199,14 +231,14 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
     for (int64_t b = 0; b < B; ++b) masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
   }
   const scalar_t* xp = data<scalar_t>(x_proj);
-  const scalar_t* recp = data<scalar_t>(rec);
   float* actp = acts.data_ptr<float>();
   float* cellp = cells.data_ptr<float>();
   float* tcp = tanh_c.data_ptr<float>();
   float* outp = out.data_ptr<float>();
 
   for (int64_t t = 0; t < T; ++t) {
-    at::mm_out(rec, h_in.select(1, t), w_t);
+    const at::Tensor rec = product(h_in.select(1, t));  // [B, 4H]
+    const scalar_t* recp = data<scalar_t>(rec);
     const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -228,7 +260,8 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
                                            const at::Tensor& h_in, const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
   const int64_t T = acts.size(0), B = acts.size(1), H4 = acts.size(2), H = H4 / 4;
   at::Tensor d_gates = at::empty({B, T, H4}, h_in.options());  // grad of x_proj, in the product dtype
-  at::Tensor dh_rec = at::empty({B, H}, h_in.options());       // d h_{t-1} from the recurrent product
+  at::Tensor dh_rec;                                           // d h_{t-1} from the recurrent product
+  const StepProduct product(w_hh.t(), B);                      // dg @ w_hh
   at::Tensor dh = d_h_last.to(at::kFloat).contiguous().clone();
   at::Tensor dc = d_c_last.to(at::kFloat).contiguous().clone();
   const bool has_mask = h_mask.has_value() && h_mask->defined();
@@ -240,7 +273,7 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
   const float* cellp = cells.data_ptr<float>();
   const float* tcp = tanh_c.data_ptr<float>();
   scalar_t* dgp = data<scalar_t>(d_gates);
-  const scalar_t* dhrp = data<scalar_t>(dh_rec);
+  const scalar_t* dhrp = nullptr;
   float* dhp = dh.data_ptr<float>();
   float* dcp = dc.data_ptr<float>();
 
@@ -257,7 +290,8 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
                                dgp + (b * T + t) * H4);
       }
     });
-    at::mm_out(dh_rec, d_gates.select(1, t), w_hh);
+    dh_rec = product(d_gates.select(1, t));
+    dhrp = data<scalar_t>(dh_rec);
   }
   // d h0 = (d h_0 through the first product) * mask_0
   at::Tensor dh0 = dh_rec.to(at::kFloat);
