@@ -500,17 +500,8 @@ def resume(run: Run, path: Path) -> None:
     """Continue from the checkpoint at ``path`` (checked: same model, same vocabulary word for
     word, same recipe unless ``trainer.allow_changes`` names a key)."""
     ckpt = load_checkpoint(path, required=RESUME_REQUIRED)
-    _check_resumable(ckpt, run.cfg, len(run.corpus.vocab))
+    changed = check_resumable(ckpt, run.cfg, path)
     check_vocab(ckpt, run.corpus.vocab, "this run's corpus")
-    changed = _changed_keys(validate_saved(ckpt["config"]), run.cfg)
-    refused = [c for c in changed if c[0] not in run.cfg.trainer.allow_changes]
-    if refused:
-        key, before, after = refused[0]
-        raise CheckpointError(
-            f"{key} is {after!r} here but {before!r} in the checkpoint being resumed ({path}): resume with {key}={before}, "
-            f"or pass trainer.allow_changes=[{key}] to change it from step {ckpt['step']} on"
-            + (f" ({len(refused) - 1} more changed)" if len(refused) > 1 else "")
-        )
     try:
         run.restore(ckpt)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
@@ -536,15 +527,29 @@ def _changed_keys(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, Any, 
     return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
 
 
-def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
+def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> list[tuple[str, Any, Any]]:
+    """Refuse a checkpoint of another model, or one whose recipe this run changes (a key of
+    ``RESUME_KEYS`` not in ``trainer.allow_changes``); returns the allowed changes. The vocabulary
+    is compared when the corpus is loaded (``check_vocab``)."""
+    _check_same_model(ckpt, cfg)
+    changed = _changed_keys(validate_saved(ckpt["config"]), cfg)
+    refused = [c for c in changed if c[0] not in cfg.trainer.allow_changes]
+    if refused:
+        key, before, after = refused[0]
+        raise CheckpointError(
+            f"{key} is {after!r} here but {before!r} in the checkpoint being resumed ({path}): resume with {key}={before}, "
+            f"or pass trainer.allow_changes=[{key}] to change it from step {ckpt['step']} on"
+            + (f" ({len(refused) - 1} more changed)" if len(refused) > 1 else "")
+        )
+    return changed
+
+
+def _check_same_model(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
     saved = validate_saved(ckpt["config"])
     for key in ("hidden_size", "num_layers"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
             raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
-    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
-    if saved_vocab != vocab_size:
-        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, this corpus {vocab_size}: resume on the same corpus")
     for key in ("tie_weights", "dropout_variant"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
@@ -639,7 +644,7 @@ def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) ->
     if not (math.isfinite(valid_ppl) and (math.isfinite(train_ppl) or not train_tokens)):
         kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
         raise NonFiniteError(
-            f"perplexity overflowed at epoch {epoch + 1} (train {train_ppl:g}, valid {valid_ppl:g}); stopped, {kept} "
+            f"non-finite perplexity at epoch {epoch + 1} (train {train_ppl:g}, valid {valid_ppl:g}: the loss overflowed); stopped, {kept} "
             f"(try a lower optim.lr or optim.max_grad_norm)"
         )
     run.best_valid = min(run.best_valid, valid_ppl)
@@ -762,7 +767,9 @@ def preflight(cfg: DictConfig) -> None:
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
     run_dir = Path(cfg.hydra.run.dir)
     check_writable(run_dir, "hydra.run.dir")
-    claim_run_folder(run_dir, c.trainer)
+    resume_from = claim_run_folder(run_dir, c.trainer)
+    if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
+        check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from)
 
 
 def _train_job(cfg: DictConfig) -> None:
