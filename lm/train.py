@@ -419,7 +419,8 @@ def _already_finished(run: Run) -> dict[str, Any] | None:
     """A resumed run with every epoch trained and its metrics.json written: nothing to do (e.g. a
     rerun of ``make ablation``); returns those metrics, written again by no one."""
     path = run.out_dir / METRICS_NAME
-    if run.epochs_done < run.cfg.trainer.epochs or run.partial is not None or not path.exists():
+    done = run.epochs_done >= run.cfg.trainer.epochs or run.max_steps_reached()
+    if not done or run.partial is not None or not path.exists():
         return None
     try:
         metrics = json.loads(path.read_text())
