@@ -9,6 +9,7 @@ epoch and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,7 +46,7 @@ from lm.config import (
     validate, validate_saved,
 )
 from lm.data import Corpus, DataError, batchify, bptt_windows
-from lm.distributed import Group, init_group
+from lm.distributed import Group, init_group, launch_rank
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.loss import summed_nll
@@ -345,7 +346,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
     """
     out_dir = Path(out_dir)
-    with RunFolderLock(out_dir), StopRequest() as stop:  # the folder is this run's, and signals are ours, until it ends
+    lock = RunFolderLock(out_dir) if launch_rank() == 0 else contextlib.nullcontext()  # one lock per run, not per rank
+    with lock, StopRequest() as stop:  # the folder is this run's, and signals are ours, until it ends
         resume_from = claim_run_folder(out_dir, cfg.trainer)
         run = prepare_run(cfg, out_dir, list(overrides or []))
         try:
@@ -438,7 +440,7 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     for key in ignored_overrides(cfg, overrides):
         log.warning("%s has no effect with model.dropout_variant=%s: see configs/train.yaml", key, cfg.model.dropout_variant)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.overwrite:
+    if cfg.trainer.overwrite and launch_rank() == 0:
         _clear_run_folder(out_dir)
     for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
         stale.unlink()

@@ -606,3 +606,26 @@ def test_paths_with_equals_commas_and_spaces_are_accepted(where, world, tmp_path
     run_ok(train_module._hydra_entry, [*tiny_overrides(world["good"], "trainer.max_steps=3"), f"trainer.resume={checkpoint}",
                                        f"hydra.run.dir={run}"], monkeypatch)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------- lm.data (make data)
+
+@pytest.mark.parametrize("case, damage, message", [
+    ("wrong-md5", lambda d: None, "has MD5"),
+    ("folder-is-a-file", lambda d: None, "ptb.train.txt"),
+])
+def test_data_command_is_one_line(case, damage, message, tmp_path, monkeypatch, capsys):
+    """``python -m lm.data FOLDER`` with every file present (so nothing is downloaded) but wrong."""
+    from lm import data as data_module
+
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"ptb.{split}.txt").write_text("not the treebank\n")
+    target = folder if case == "wrong-md5" else folder / "ptb.train.txt"
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prog", str(target)])
+    with pytest.raises(SystemExit) as info:
+        data_module.main()
+    _assert_one_line(info.value.code, capsys.readouterr().err, message)
+    assert snapshot(tmp_path) == before
