@@ -20,7 +20,7 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large ablation eval table test bench clean
+.PHONY: help setup data train-small train-medium train-large ablation eval table test bench profile clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -64,8 +64,11 @@ table: $(STAMP) ## regenerate results/README.md from results/; print it with you
 test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)
 	$(PY) -m pytest || $(STATUS)
 
-bench: $(STAMP) ## training and evaluation speed, written to results/bench.json
+bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, written to results/bench.json
 	$(PY) scripts/bench.py $(ARGS)
+
+profile: $(STAMP) ## where a training step's time goes, by category, written to results/profile/
+	$(PY) scripts/profile_step.py $(ARGS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)
 	rm -rf $(VENV) .pytest_cache *.egg-info

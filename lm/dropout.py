@@ -1,7 +1,8 @@
 """Dropout strategies for recurrent language models, as small functions the model composes.
 
 - ``zaremba``: a fresh mask for every element at every time step, on the L+1
-  non-recurrent connections only (``FreshDropout``, which is ``nn.Dropout``).
+  non-recurrent connections only (``FreshDropout``: ``nn.Dropout``'s function, its
+  mask drawn by a fused kernel on CPU).
 - ``variational`` (Gal & Ghahramani 2016): one mask per sequence and batch row,
   shared over all time steps (``locked_mask``), on layer inputs, the top output
   and the recurrent h; plus word-level embedding dropout (``word_mask``).
@@ -10,7 +11,7 @@
 - ``none``.
 
 The model draws the masks on h_{t-1}; ``lm.recurrence`` applies them inside the
-layer's time loop (the fused kernels cannot take them).
+layer's time loop (oneDNN's and cuDNN's LSTMs cannot take them).
 Weight dropping (DropConnect on the hidden-to-hidden matrix) is ``WeightDrop``,
 a ``torch.nn.utils.parametrize`` parametrization: no patching of ``nn.LSTM``.
 All masks are inverted (scaled by 1/(1-p) at training time).
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lm import kernels
 
 VARIANTS = ("zaremba", "variational", "recurrent", "none")
 
@@ -44,13 +47,35 @@ def inverted_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: 
     return keep_draws(torch.empty(shape, dtype=dtype, device=device), keep) / keep
 
 
+class HashDropout(torch.autograd.Function):
+    """x * mask / keep on CPU (``lm.kernels``), the mask a hash of (seed, element index): one pass,
+    and the backward draws the same mask again from the seed instead of storing it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: float, seed: int) -> torch.Tensor:
+        ctx.keep, ctx.seed = keep, seed
+        return kernels.fused().dropout_forward(x, keep, seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return kernels.fused().dropout_forward(grad.contiguous(), ctx.keep, ctx.seed), None, None
+
+
 class FreshDropout(nn.Dropout):
-    """``nn.Dropout`` (a fresh mask for every element), the same numbers on CPU from faster draws."""
+    """``nn.Dropout`` (a fresh mask for every element at every call).
+
+    On CPU with the fused kernels the mask comes from ``HashDropout``, seeded by one draw of
+    torch's generator per call (so ``torch.manual_seed`` and a checkpoint's RNG state fix
+    every mask); elsewhere it is ``nn.Dropout``'s (GPU) or the same draws faster (CPU fallback).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p in (0, 1) or self.inplace or x.device.type != "cpu":
             return super().forward(x)
         keep = 1.0 - self.p
+        if x.dtype == torch.float32 and kernels.available(x.device):
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            return HashDropout.apply(x.contiguous(), keep, seed)
         return x * keep_draws(x, keep).div_(keep)
 
 

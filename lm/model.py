@@ -10,7 +10,7 @@ and the cell c) is never masked: each layer is a fused single-layer
 ``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU). Two cases run the same parameters
 through ``lm.recurrence.lstm_window`` instead: the variants that mask h_{t-1}
 (``variational`` with a recurrent rate, ``recurrent``), whose mask is its only
-mask input, and bf16 training on CPU, where it is faster than oneDNN.
+mask input, and bf16 training (see ``_run_layer``).
 """
 
 from __future__ import annotations
@@ -108,12 +108,14 @@ class LSTMLanguageModel(nn.Module):
         return inverted_mask(shape, self.dropout_recurrent, torch.float32, h.device)
 
     def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """The fused kernel (oneDNN / cuDNN), which nothing can reach inside, unless training
-        needs ``lstm_window``: to mask h_{t-1}, or in bf16 on CPU, where oneDNN's bf16 backward
-        is slow. Without a mask ``lstm_window`` computes nn.LSTM's function."""
+        """The fused LSTM (oneDNN / cuDNN), which nothing can reach inside, unless training needs
+        ``lstm_window``: to mask h_{t-1}, or under autocast (bf16). There, on CPU, oneDNN's bf16
+        LSTM is slower than ours, and on a GPU autocast would run cuDNN's LSTM in fp16 (its rule
+        for RNNs), weights, state and all, where the precision contract is bf16 products with
+        fp32 gates, cell and state. Without a mask ``lstm_window`` computes nn.LSTM's function."""
         if self.training and self.masks_recurrence:
             return lstm_window(layer, h, state, h_mask=self._recurrent_mask(h))
-        if self.training and not h.is_cuda and torch.is_autocast_enabled(h.device.type):
+        if self.training and torch.is_autocast_enabled(h.device.type):
             return lstm_window(layer, h, state)
         return layer(h, state)
 

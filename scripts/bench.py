@@ -20,6 +20,7 @@ the number of steps.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -34,19 +35,28 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lm import kernels  # noqa: E402
 from lm.checkpoint import atomic_write_json  # noqa: E402
+from lm.config import compose, validate  # noqa: E402
 from lm.data import batchify, bptt_windows  # noqa: E402
 from lm.evaluate import evaluate  # noqa: E402
 from lm.model import LSTMLanguageModel  # noqa: E402
 from lm.train import train_epoch  # noqa: E402
 
-SIZES = {  # hidden, bptt, dropout, init (the paper's recipes)
-    "small": (200, 20, 0.0, 0.1),
-    "medium": (650, 35, 0.5, 0.05),
-    "large": (1500, 35, 0.65, 0.04),
-}
-VOCAB, BATCH, LAYERS = 10_000, 20, 2
+SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
+VOCAB, BATCH, LAYERS = 10_000, 20, 2  # the same in every recipe (recipe_shapes checks it)
 CPU = torch.device("cpu")
+
+
+@functools.cache
+def recipe_shapes(name: str) -> tuple[int, int, float, float]:
+    """(hidden, bptt, dropout, init) of ``experiment=zaremba_<name>``, read from its preset: the
+    configs hold every size, this script none."""
+    cfg = validate(compose("train", [f"experiment=zaremba_{name}"]))
+    if (cfg.data.batch_size, cfg.model.num_layers) != (BATCH, LAYERS):
+        raise SystemExit(f"bench assumes batch {BATCH} and {LAYERS} layers; zaremba_{name} has "
+                         f"{cfg.data.batch_size} and {cfg.model.num_layers}")
+    return cfg.model.hidden_size, cfg.data.bptt, cfg.model.dropout, cfg.model.init_scale
 
 
 class ReferenceLM(nn.Module):
@@ -166,7 +176,7 @@ def train_flops_per_token(hidden: int) -> float:
 
 
 def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device) -> dict:
-    hidden, bptt, dropout, init = SIZES[name]
+    hidden, bptt, dropout, init = recipe_shapes(name)
     torch.manual_seed(0)
     stream = torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)).to(device)
     windows = bptt_windows(batchify(stream, BATCH), bptt)[:windows_per_rep]
@@ -232,7 +242,7 @@ VARIANT_RATES = {  # dropout strategies at the medium size: (variant, model keyw
 
 def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dict:
     """Training tokens/s of each dropout strategy at the medium size (custom loop vs fused kernel)."""
-    hidden, bptt, dropout, init = SIZES["medium"]
+    hidden, bptt, dropout, init = recipe_shapes("medium")
     torch.manual_seed(0)
     data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH).to(device)
     windows = bptt_windows(data, bptt)[:windows_per_rep]
@@ -247,34 +257,35 @@ def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dic
             for name, rates in out.items()}
 
 
-def check_targets(results: dict, fp32: float, bf16: float) -> list[dict]:
+# bf16 step / fp32 reference, by the CPU's bf16 instructions (issue 13): with AMX bf16 products are
+# about five times cheaper than with AVX512-BF16 alone; without either, bf16 is emulated (no target)
+BF16_TARGETS = {"AMX": {"small": 2.0, "medium": 3.0, "large": 3.5}, "AVX512-BF16": {"small": 1.6, "medium": 2.0}}
+PRODUCT_SHARE_TARGETS = {"small": 0.45, "medium": 0.65, "large": 0.65}  # of the bf16 step, any CPU
+
+
+def check_targets(results: dict, fp32: float, bf16: float, bf16_isa: str = "AVX512-BF16") -> list[dict]:
     """The speed targets as ratios from this run, each with the bound that limits it where it is missed."""
     out = []
     for name, r in results.items():
         out.append({"target": f"{name}: ours fp32 >= 1.0x reference", "measured": r["train_ratio"], "met": r["train_ratio"] >= 1.0})
-    for name, goal in (("medium", 2.0), ("small", 2.2)):
-        if name in results:
-            r = results[name]
-            ref = r["reference_train_tokens_per_s"]
-            # at the square-matmul ceiling the step's FLOPs would allow this; at the step's own shapes
-            # its products alone allow the second; the rest of the step is non-product work
-            ceiling = bf16 * 1e9 / r["train_flop_per_token"] / ref
-            shapes = r["bf16_gemm_only_tokens_per_s"] / ref
-            other = 1 - r["train_bf16_ratio"] / shapes
-            out.append({"target": f"{name}: ours bf16 >= {goal}x fp32 reference", "measured": r["train_bf16_ratio"],
-                        "met": r["train_bf16_ratio"] >= goal,
-                        "why": f"bound {ceiling:.2f}x at the bf16 ceiling; the step's products timed alone at their own "
-                               f"shapes ({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s) would allow {shapes:.2f}x and "
-                               f"fill {1 - other:.0%} of our step; the other {other:.0%} is element-wise, dropout, loss "
-                               f"and optimizer work"})
     for name, r in results.items():
-        # the reference's batched evaluation already runs at this fraction of the fp32 ceiling; any protocol at
-        # fp32 can beat it by at most 1 / fraction, in bf16 by at most (bf16 / fp32) / fraction
-        frac = r["reference_eval_fraction_of_fp32_ceiling"]
-        out.append({"target": f"{name}: paper-protocol evaluation >= 3x reference batched evaluation",
-                    "measured": r["eval_stream_ratio"], "met": r["eval_stream_ratio"] >= 3.0,
-                    "why": f"reference eval runs at {frac:.0%} of the fp32 ceiling: at most {1 / frac:.2f}x in fp32, "
-                           f"{bf16 / fp32 / frac:.2f}x in bf16"})
+        ref = r["reference_train_tokens_per_s"]
+        # at the square-matmul ceiling the step's FLOPs would allow this; at the step's own shapes
+        # its products alone allow the second; the rest of the step is non-product work
+        ceiling = bf16 * 1e9 / r["train_flop_per_token"] / ref
+        shapes = r["bf16_gemm_only_tokens_per_s"] / ref
+        share = r["train_bf16_ratio"] / shapes
+        why = (f"bound {ceiling:.2f}x at the bf16 ceiling; the step's products timed alone at their own shapes "
+               f"({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s) would allow {shapes:.2f}x and fill {share:.0%} of "
+               f"our step; the other {1 - share:.0%} is element-wise, dropout, loss and optimizer work")
+        goal = BF16_TARGETS.get(bf16_isa, {}).get(name)
+        if goal is not None:
+            out.append({"target": f"{name}: ours bf16 >= {goal}x fp32 reference ({bf16_isa})", "measured": r["train_bf16_ratio"],
+                        "met": r["train_bf16_ratio"] >= goal, "why": why})
+        least = PRODUCT_SHARE_TARGETS.get(name)
+        if least is not None:
+            out.append({"target": f"{name}: products fill >= {least:.0%} of the bf16 step", "measured": share,
+                        "met": share >= least, "why": why})
     return out
 
 
@@ -320,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
             r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9))
         results[name] = r
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    cpu = kernels.cpu_info()
+    fused = kernels.available("cpu")
+    print(f"CPU: {cpu['model']}; bf16 instructions: {cpu['bf16']}; fused CPU kernels: {'yes' if fused else 'no'}")
     print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {where}")
     print(f"{'size':<7} {'ours fp32':>9} {'ours bf16':>9} {'reference':>9} {'fp32 x':>6} {'bf16 x':>6} "
           f"{'eval stream':>11} {'eval batched':>12} {'ref eval':>8} {'stream x':>8} {'fp32 ceil':>9} {'bf16 ceil':>9}")
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['eval_batched_tokens_per_s']:>12,.0f} {r['reference_eval_batched_tokens_per_s']:>8,.0f} {r['eval_stream_ratio']:>8.2f} "
             f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {r['bf16_fraction_of_bf16_matmul_ceiling']:>9.0%}"
         )
-    targets = check_targets(results, fp32, bf16)
+    targets = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
     for name, r in results.items():
         if r["host_syncs"] is not None:
             print(f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of {r['host_syncs']['windows']} training windows")
@@ -351,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu": cpu,
+        "fused_kernels": fused,
         "matmul_gflops": {"fp32": fp32, "bf16": bf16},
         "sizes": results,
         "targets": targets,

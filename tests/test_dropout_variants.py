@@ -175,20 +175,70 @@ def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.65])
-def test_fresh_dropout_gives_nn_dropouts_numbers_and_leaves_the_generator_where_it_does(dtype, p):
-    """The faster CPU draws must not change a single number of a run (committed results stay reproducible)."""
-    from lm.dropout import FreshDropout, inverted_mask
+def test_inverted_mask_gives_bernoullis_numbers(dtype, p):
+    """The faster CPU draws of every locked, word and recurrent mask are bernoulli_'s, bit for bit."""
+    from lm.dropout import inverted_mask
 
-    contiguous = torch.randn(7, 5, 13).to(dtype)
-    transposed = torch.randn(5, 7, 13).to(dtype).transpose(0, 1)  # as a batch-first LSTM returns its output
-    for x in (contiguous, transposed):
-        torch.manual_seed(4)
-        expected, expected_next = torch.nn.Dropout(p)(x), torch.rand(3)
-        torch.manual_seed(4)
-        got, got_next = FreshDropout(p)(x), torch.rand(3)
-        assert torch.equal(got, expected) and torch.equal(got_next, expected_next)
-        assert 0 < (got == 0).sum() < got.numel()
     torch.manual_seed(4)
     old_mask = torch.empty(7, 13, dtype=dtype).bernoulli_(1 - p) / (1 - p)
     torch.manual_seed(4)
     assert torch.equal(inverted_mask((7, 13), p, dtype, torch.device("cpu")), old_mask)
+
+
+@pytest.fixture(params=["fused", "pytorch"])
+def dropout_backend(request, monkeypatch):
+    from lm import kernels
+
+    if request.param == "fused" and kernels.fused() is None:
+        pytest.skip("no compiler here")
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    return request.param
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.65])
+def test_fresh_dropout_is_dropout(dropout_backend, p):
+    """Each element kept with probability 1 - p and scaled by 1 / (1 - p), a fresh mask at every
+    call, the gradient through the same mask, and every mask fixed by the seed."""
+    from lm.dropout import FreshDropout
+
+    drop = FreshDropout(p)
+    x = torch.randn(40, 35, 65).abs() + 0.5  # never 0, so zeros are dropped elements
+    x.requires_grad_(True)
+    torch.manual_seed(7)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    assert torch.allclose(out[kept], x[kept] / (1 - p))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / (1 - p)))
+    again = drop(x)
+    assert not torch.equal(again != 0, kept)  # a fresh mask
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), out)  # the same seed, the same mask
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_hash_dropout_mask_has_no_visible_structure():
+    """Masks of neighbouring elements, rows and seeds are independent as far as their correlations show."""
+    from lm import kernels
+
+    if kernels.fused() is None:
+        pytest.skip("no compiler here")
+    ones = torch.ones(200, 1000)
+    a = kernels.fused().dropout_forward(ones, 0.5, 1) / 2
+    b = kernels.fused().dropout_forward(ones, 0.5, 2) / 2
+    centred = lambda m: m.flatten() - m.mean()  # noqa: E731
+    corr = lambda u, v: float((u * v).mean() / (u.std() * v.std()))  # noqa: E731
+    assert abs(corr(centred(a), centred(b))) < 0.01  # two seeds
+    assert abs(corr(centred(a[:, 1:]), centred(a[:, :-1]))) < 0.01  # neighbours
+    assert abs(corr(centred(a[1:]), centred(a[:-1]))) < 0.01  # rows
+    assert abs(a.mean().item() - 0.5) < 0.005
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = kernels.fused().dropout_forward(ones, 0.5, 1) / 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, a)  # any thread count draws the same mask

@@ -11,6 +11,10 @@
 // logits are written once by the product; one pass per row turns them, in place, into
 // d loss / d logits (softmax - one-hot), so the backward is two products.
 //
+// dropout_forward: x * mask / keep with the mask drawn from a counter-based hash of
+// (seed, element index), so the backward regenerates it from the seed (nothing stored)
+// and any thread count draws the same mask.
+//
 // Layout: x_proj [B, T, 4H] and the outputs [B, T, H] are batch-first as the model
 // holds them; h_in (the product inputs) [B, T, H] and the gate gradients [B, T, 4H]
 // are batch-first too so that the weight gradient is one product over all steps.
@@ -350,10 +354,49 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& h, const at::Tensor
   return {at::scalar_tensor(total, h.options().dtype(at::kFloat)), logits};
 }
 
+// ---------------------------------------------------------------- dropout
+
+// A 32-bit integer hash with good avalanche (the "lowbias32" constants); vectorises.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+void dropout_range(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end, uint32_t threshold,
+                   float scale, uint32_t seed_lo, uint32_t seed_hi) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) * 0x9E3779B9U ^ seed_lo) + seed_hi);
+    out[i] = (h >> 8) < threshold ? x[i] * scale : 0.0f;  // 24 uniform bits against keep * 2^24
+  }
+}
+
+// x * mask / keep, mask[i] = 1 with probability keep, a function of (seed, i) only.
+at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed) {
+  check(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous fp32 CPU input");
+  check(keep > 0.0 && keep <= 1.0, "keep probability in (0, 1]");
+  check(x.numel() < (int64_t(1) << 32), "at most 2^32 elements");
+  at::Tensor out = at::empty_like(x);
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(keep * 16777216.0));
+  const float scale = static_cast<float>(1.0 / keep);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t b, int64_t e) {
+    dropout_range(xp, op, b, e, threshold, scale, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "LSTM layer over a window, forward");
   m.def("lstm_backward", &lstm_backward, "LSTM layer over a window, backward");
+  m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, index)");
   m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
 }
