@@ -65,10 +65,10 @@ test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they sk
 	$(PY) -m pytest || $(STATUS)
 
 bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, written to results/bench.json
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench.py $(ARGS) || $(STATUS)
 
 profile: $(STAMP) ## where a training step's time goes, by category, written to results/profile/
-	$(PY) scripts/profile_step.py $(ARGS)
+	$(PY) scripts/profile_step.py $(ARGS) || $(STATUS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -605,6 +605,10 @@ def train_epochs(run: Run, stop: StopRequest | None = None) -> None:
             progress = _train_one_epoch(run, epoch, lambda: run.group.any(bool(stop)), writer)
             stopped = run.group.any(bool(stop))
             mid_epoch = progress.window < len(run.windows)
+            if stopped and mid_epoch and run.step == 0:  # stopped while setting up: nothing to keep
+                stop.forward()
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, f"stopped by {stop.name or 'another rank'} before the "
+                                          f"first step; no checkpoint written, the same command starts the run again")
             if stopped and mid_epoch:
                 run.save(progress)
                 _interrupt(stop, f"in epoch {epoch + 1} at step {run.step}", run.checkpoint_path)

@@ -203,6 +203,24 @@ def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(fault, code, me
     assert metrics["completed"] and metrics["sessions"] == 2
 
 
+def test_a_stop_while_setting_up_writes_no_checkpoint(tiny_corpus, tmp_path, monkeypatch, capsys):
+    real = train_module.load_data
+
+    def load_data_then_sigterm(data):
+        corpus = real(data)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while PTB is read
+        return corpus
+
+    monkeypatch.setattr(train_module, "load_data", load_data_then_sigterm)
+    run = tmp_path / "run"
+    got, err = _entry([*tiny_overrides(tiny_corpus), f"hydra.run.dir={run}"], monkeypatch, capsys)
+    assert got == 143, err
+    _one_line(err, "stopped by SIGTERM before the first step; no checkpoint written")
+    assert not (run / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    assert train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2")), run)["steps"] == 2  # the same command again
+
+
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tiny_corpus, tmp_path, monkeypatch, capsys):
     def twice(point: str, index: int) -> None:
         if point == "step" and index == 5:
