@@ -365,8 +365,11 @@ def _local_progress(progress: EpochProgress, group: Group, batch_size: int, devi
 def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics.
 
-    Raises ``TrainingInterrupted`` after checkpointing when a stop signal arrives,
-    and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
+    The folder is locked for the whole run and claimed first (``claim_run_folder``: what it
+    holds decides whether this run may start, continue or replace it). Raises
+    ``TrainingInterrupted`` after checkpointing when a stop signal arrives, ``NonFiniteError``
+    (keeping the last good checkpoint) on a NaN/inf step or perplexity, and ``RunFolderError``,
+    ``CheckpointError`` or ``ConfigError`` when the folder or the checkpoint cannot be used.
     """
     out_dir = Path(out_dir)
     lock = RunFolderLock(out_dir) if launch_rank() == 0 else contextlib.nullcontext()  # one lock per run, not per rank
@@ -463,8 +466,6 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     for key in ignored_overrides(cfg, overrides):
         log.warning("%s has no effect with model.dropout_variant=%s: see configs/train.yaml", key, cfg.model.dropout_variant)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.overwrite and launch_rank() == 0:
-        _clear_run_folder(out_dir)
     for stale in out_dir.glob(CHECKPOINT_NAME + ".*.tmp"):  # left by a crash mid-write; never loaded
         stale.unlink()
     device, group = _set_up_processes(cfg)
@@ -480,6 +481,8 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
         skip_nonfinite=cfg.trainer.nonfinite == "skip",
         reduce_gradients=group.average_gradients if group.active else None,
     )
+    if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
+        _clear_run_folder(out_dir)
     return Run(cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict)
 
 

@@ -52,10 +52,12 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
 
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     """{file: (mtime_ns, sha1)} of every file under ``root`` but lock files (a lock attempt may
-    write its pid) and the data cache."""
+    write its pid) and empty ``train.log`` files (Hydra opens its log before the run's own checks;
+    README, Reliability)."""
     return {
         str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
-        for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock" and not (p.name == "train.log" and p.stat().st_size == 0)
     }
 
 
@@ -321,6 +323,10 @@ TRAIN_CASES = [
                                                       f"hydra.run.dir={w['unfinished']}"], "already holds an unfinished run", 2),
     ("overwrite-and-resume", lambda w, t: [*tiny_overrides(w["good"]), "trainer.overwrite=true", "trainer.resume=auto",
                                            f"hydra.run.dir={w['run']}"], "give one of them", 2),
+    ("overwrite-with-bad-data", lambda w, t: [*tiny_overrides(w["bad"]["empty"]), "trainer.overwrite=true", f"hydra.run.dir={w['run']}"],
+     "valid.txt is empty", 2),
+    ("overwrite-with-too-long-bptt", lambda w, t: [*tiny_overrides(w["good"]), "data.bptt=5000", "trainer.overwrite=true",
+                                                   f"hydra.run.dir={w['unfinished']}"], "data.bptt 5000 is not shorter", 2),
     ("finished-sweep-job-rerun", lambda w, t: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['sweep-job']}"], "already holds a finished run", 2),
     # cause 2: resume refuses a changed hyperparameter, naming the key and both values
     *[(f"resume-changed-{key}", lambda w, t, key=key, value=value: [*tiny_overrides(w["good"], "trainer.epochs=2"), "trainer.resume=auto",
