@@ -19,6 +19,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
@@ -30,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lm.checkpoint import CheckpointError, RunFolderError
 from lm.config import CONFIG_DIR, ConfigError, compose
 from lm.data import DataError
-from lm.faults import NonFiniteError, TrainingInterrupted
+from lm.faults import NonFiniteError, TrainingInterrupted, stop_now
 
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_FAULT = 3
@@ -85,11 +86,21 @@ def exit_for(err: BaseException) -> None:
 
 
 def guarded(body: Callable[[], object]) -> None:
-    """Run a command's body inside the error boundary (see the module docstring)."""
+    """Run a command's body inside the error boundary (see the module docstring). SIGTERM and
+    SIGUSR1, whose default is to die without a word, end it with one line too (training installs
+    its own handlers, which checkpoint first)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, stop_now)
     try:
         body()
     except user_errors() as err:
         exit_for(err)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_on_user_error(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:

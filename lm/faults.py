@@ -39,6 +39,12 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient norm; the message names the step and epoch."""
 
 
+def stop_now(signum: int, frame: FrameType | None) -> None:
+    """The handler of SIGTERM and SIGUSR1 outside a training loop (installed by ``lm.cli.guarded``):
+    the command ends at once, in one line, with 128 + signal, instead of dying silently."""
+    raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
 class StopRequest:
     """Remembers the first stop signal received while installed."""
 
@@ -71,7 +77,7 @@ class StopRequest:
         checkpoint is written. Python's own Ctrl-C handler is not called.
         """
         previous = self._previous.get(self.signum) if self.signum else None
-        if callable(previous) and previous is not signal.default_int_handler:
+        if callable(previous) and previous not in (signal.default_int_handler, stop_now):
             previous(self.signum, None)
 
     def __enter__(self) -> "StopRequest":

@@ -635,3 +635,30 @@ def test_data_command_is_one_line(case, damage, message, tmp_path, monkeypatch, 
         data_module.main()
     _assert_one_line(info.value.code, capsys.readouterr().err, message)
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------- stop signals outside training
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkeypatch, capsys):
+    import signal
+
+    signum = getattr(signal, sig)
+    real = evaluate_module.evaluate_all
+
+    def evaluate_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_all", evaluate_then_signal)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    if sig != "SIGINT":
+        signal.signal(signum, signal.SIG_DFL)  # as in a fresh process: the boundary's handler takes over
+    try:
+        code, err = run_cli(evaluate_module._hydra_entry, [f"checkpoint={world['run'] / 'checkpoint.pt'}", f"data_dir={world['good']}",
+                                                           f"output={tmp_path / 'e.json'}"], monkeypatch, capsys)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _assert_one_line(code, err, "stopped by SIG", expected_code=128 + signum, prefix="stopped by ")
+    assert not (tmp_path / "e.json").exists()
