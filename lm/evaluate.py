@@ -157,7 +157,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     check_output_file(output, "output")
     ckpt = load_checkpoint(ckpt_path)
     train_cfg = validate_saved(ckpt["config"])
-    device = select_device(ecfg.device)
+    device = select_device(ecfg.device, "device")
     if ecfg.threads:
         torch.set_num_threads(ecfg.threads)
     corpus = load_user_data(ecfg.data_dir, train_cfg)

@@ -74,7 +74,7 @@ def checkpoint_vocab(ckpt: dict[str, Any], data_dir: str | None = None) -> Vocab
 
 def run_generation(cfg: DictConfig) -> str:
     g = validate_generate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    device = select_device(g.device)
+    device = select_device(g.device, "device")
     ckpt = load_checkpoint(g.checkpoint)
     vocab = checkpoint_vocab(ckpt, g.data_dir)
     model = build_model_from_checkpoint(ckpt, vocab).to(device)

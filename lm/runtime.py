@@ -20,12 +20,12 @@ from lm.model import LSTMLanguageModel
 DEFAULT_PTB_DIR = "data/ptb"
 
 
-def select_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda`` as a device; cuda without a GPU is a config error."""
+def select_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a device; cuda without a GPU is a config error naming ``key``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device is cuda but no GPU is visible: use trainer.device=cpu")
+        raise ConfigError(f"{key} is cuda but no GPU is visible: use {key}=cpu")
     return torch.device(name)
 
 

@@ -798,6 +798,7 @@ def preflight(cfg: DictConfig) -> None:
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
+    select_device(c.trainer.device)  # cuda without a GPU
     run_dir = Path(cfg.hydra.run.dir)
     check_writable(run_dir, "hydra.run.dir")
     resume_from = claim_run_folder(run_dir, c.trainer)

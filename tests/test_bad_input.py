@@ -662,3 +662,19 @@ def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkey
             signal.signal(s, handler)
     _assert_one_line(code, err, "stopped by SIG", expected_code=128 + signum, prefix="stopped by ")
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("entry", ["train", "evaluate", "generate"])
+def test_cuda_without_a_gpu_names_the_key(entry, world, tmp_path, monkeypatch, capsys):
+    argv = {
+        "train": [*tiny_overrides(world["good"]), "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}"],
+        "evaluate": [f"checkpoint={world['run']}", f"data_dir={world['good']}", "device=cuda", f"output={tmp_path / 'e.json'}"],
+        "generate": [f"checkpoint={world['run']}", "device=cuda"],
+    }[entry]
+    module = {"train": train_module, "evaluate": evaluate_module, "generate": generate_module}[entry]
+    before = snapshot(world["root"])
+    code, err = run_cli(module._hydra_entry, argv, monkeypatch, capsys)
+    key = "trainer.device" if entry == "train" else "device"
+    _assert_one_line(code, err, f"{key} is cuda but no GPU is visible: use {key}=cpu")
+    assert snapshot(world["root"]) == before and not (tmp_path / "run").exists()
