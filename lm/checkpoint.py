@@ -67,6 +67,24 @@ class RunFolderLock:
         self._fd = fd
         return self
 
+    @staticmethod
+    def check_free(folder: str | os.PathLike) -> None:
+        """Raise ``RunFolderError`` if a process holds ``folder``'s lock; creates and changes nothing."""
+        path = Path(folder) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: no run has held the folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise RunFolderError(
+                f"{folder} is in use by another run (process {owner or 'unknown'}): wait for it to end, or choose another folder"
+            ) from None
+        finally:
+            os.close(fd)
+
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock

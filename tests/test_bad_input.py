@@ -367,14 +367,19 @@ def test_train_refuses_and_touches_nothing(case, build, message, code, world, tm
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_a_locked_run_folder_is_refused(world, tmp_path, monkeypatch, capsys):
-    """Two trainings into one folder: the second stops at once with one line."""
+@pytest.mark.parametrize("holds", ["nothing", "unfinished", "unfinished-resume-auto"])
+def test_a_locked_run_folder_is_refused(holds, world, tmp_path, monkeypatch, capsys):
+    """Two trainings into one folder: the second stops at once with one line, whatever the
+    first has written there yet."""
     folder = tmp_path / "busy"
+    if holds != "nothing":
+        shutil.copytree(world["unfinished"], folder)
+    extra = ["trainer.resume=auto", "trainer.epochs=2"] if holds.endswith("auto") else []
     with RunFolderLock(folder):  # stands in for a training running there
-        code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"]), f"hydra.run.dir={folder}"], monkeypatch, capsys)
-    _assert_one_line(code, err, f"{folder} is in use by another run (process {os.getpid()})")
-    assert not (folder / "checkpoint.pt").exists() and not (folder / "metrics.json").exists()
-    assert (folder / "train.log").read_text() == ""  # Hydra's log file, opened before the run; nothing written to it
+        before = snapshot(folder)
+        code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"]), *extra, f"hydra.run.dir={folder}"], monkeypatch, capsys)
+        _assert_one_line(code, err, f"{folder} is in use by another run (process {os.getpid()})")
+        assert snapshot(folder) == before and not (folder / "train.log").exists()
 
 
 def _fail_on(monkeypatch, target, attr: str, err: OSError) -> None:
