@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from lm.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
 from lm.cli import ArgumentParser, check_output_folder, guarded, non_negative_int, positive_int
 from lm.config import TrainConfig, validate_saved
 from lm.data import batchify
@@ -26,8 +26,14 @@ ENSEMBLE_NAME = "ensemble.json"
 
 
 def expand(patterns: list[str]) -> list[Path]:
+    """Each argument as a path if one exists by that name (any characters, '[' and '*' included),
+    else as a glob pattern."""
     paths: list[Path] = []
     for pattern in patterns:
+        if Path(pattern).exists():
+            path = Path(pattern)
+            paths.append(path / CHECKPOINT_NAME if path.is_dir() and (path / CHECKPOINT_NAME).is_file() else path)
+            continue
         matches = sorted(glob.glob(pattern))
         paths.extend(Path(m) for m in (matches or [pattern]))
     return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -317,7 +318,7 @@ def test_a_sweep_names_its_jobs_without_equals_or_commas_and_a_rerun_replaces_no
 
 def _make(target: str, *variables: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     venv = Path(sys.executable).parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT", "MAKEFLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(env_extra or {})
     stamp = venv / ".installed"
     return subprocess.run(["make", "--no-print-directory", "-o", str(stamp), "-o", "data", f"VENV={venv}", target, *variables],
@@ -326,7 +327,7 @@ def _make(target: str, *variables: str, env_extra: dict | None = None) -> subpro
 
 def _own_lines(stderr: str) -> list[str]:
     """stderr without make's own lines (``make: *** [...] Error N``) and the shell's echo of a killed job."""
-    return [l for l in stderr.strip().splitlines() if not l.startswith("make: ") and l.strip() not in ("Terminated", "Interrupt")]
+    return [l for l in stderr.strip().splitlines() if not re.match(r"make(\[\d+\])?: ", l) and l.strip() not in ("Terminated", "Interrupt")]
 
 
 @pytest.mark.slow
