@@ -13,6 +13,11 @@ comma         := ,
 space         := $(subst ,, )
 PLACEMENTS    ?= $(subst $(space),$(comma),$(sort $(basename $(notdir $(wildcard configs/ablation/*.yaml)))))
 ABLATION_JOBS ?= 2
+# Appended as `command || $(STATUS)`: a command stopped by SIGINT or SIGTERM (exit 128 + signal) stops
+# make by the same signal, so that `make train-small` ends with 130 or 143 like the command. GNU make
+# itself can only exit 0, 1 or 2: any other failure (3: a non-finite run; 138: SIGUSR1, which make
+# reads as a debug toggle) ends make with 2 after its line "make: *** [...] Error N" naming the code.
+STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train-small train-medium train-large ablation eval table test bench profile clean
@@ -29,40 +34,41 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the package with its dev extras
 
 data: $(STAMP) ## download PTB into data/ptb (or $$LM_DATA_DIR) and check the MD5 sums
-	$(PY) -m lm.data
+	$(PY) -m lm.data || $(STATUS)
 
 train-small: data ## train the paper's small (non-regularized) model, then print the table
-	$(PY) -m lm.train experiment=zaremba_small $(ARGS)
-	$(PY) -m lm.report --with-runs runs
+	$(PY) -m lm.train experiment=zaremba_small $(ARGS) || $(STATUS)
+	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
 train-medium: data ## train the paper's medium regularized model (39 epochs), then print the table
-	$(PY) -m lm.train experiment=zaremba_medium $(ARGS)
-	$(PY) -m lm.report --with-runs runs
+	$(PY) -m lm.train experiment=zaremba_medium $(ARGS) || $(STATUS)
+	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
 train-large: data ## train the paper's large regularized model (55 epochs), then print the table
-	$(PY) -m lm.train experiment=zaremba_large $(ARGS)
-	$(PY) -m lm.report --with-runs runs
+	$(PY) -m lm.train experiment=zaremba_large $(ARGS) || $(STATUS)
+	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
 ablation: data ## dropout placements side by side (about 2 h on 2 cores; reruns continue), then results/ablation/
 	$(PY) -m lm.train -m experiment=ablation ablation=$(PLACEMENTS) hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false trainer.resume=auto $(ARGS)
-	$(PY) -m lm.ablation runs/ablation --out results/ablation
+		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false trainer.resume=auto $(ARGS) || $(STATUS)
+	$(PY) -m lm.ablation runs/ablation --out results/ablation || $(STATUS)
 
+# CKPT reaches the command through the environment, quoted: any path works (spaces, '=', ',').
 eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=runs/zaremba_small/seed-1/checkpoint.pt
-	@test -n "$(CKPT)" || { echo "error: give CKPT=path/to/checkpoint.pt" >&2; exit 2; }
-	$(PY) -m lm.evaluate checkpoint=$(CKPT) $(ARGS)
+	@test -n "$$CKPT" || { echo "error: give CKPT=path/to/checkpoint.pt" >&2; exit 2; }
+	$(PY) -m lm.evaluate "checkpoint=$$CKPT" $(ARGS) || $(STATUS)
 
 table: $(STAMP) ## regenerate results/README.md from results/; print it with your runs/ (sweeps too) beside
-	$(PY) -m lm.report --with-runs runs
+	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
 test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)
-	$(PY) -m pytest
+	$(PY) -m pytest || $(STATUS)
 
 bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, written to results/bench.json
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench.py $(ARGS) || $(STATUS)
 
 profile: $(STAMP) ## where a training step's time goes, by category, written to results/profile/
-	$(PY) scripts/profile_step.py $(ARGS)
+	$(PY) scripts/profile_step.py $(ARGS) || $(STATUS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -9,14 +9,14 @@ Running it on ``results/ablation`` itself regenerates the same files.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from lm.checkpoint import atomic_write, atomic_write_json, atomic_write_text
-from lm.report import new_figure, save_epoch_plot
+from lm.cli import ArgumentParser, check_output_folder, guarded
+from lm.data import DataError
+from lm.report import new_figure, read_run_file, save_epoch_plot
 
 ORDER = ["none", "zaremba", "recurrent", "variational", "zaremba_tied", "variational_wd"]
 COPIED = ("metrics.json", "train.log")
@@ -45,7 +45,7 @@ def load_placements(root: Path) -> dict[str, dict[str, Any]]:
     """{placement: metrics} for every finished run folder under ``root``, in the ablation's order."""
     found = {}
     for path in sorted(root.glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
+        metrics = read_run_file(path)
         if metrics.get("completed", True):
             found[path.parent.name] = metrics
     return dict(sorted(found.items(), key=lambda kv: (ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER), kv[0])))
@@ -108,9 +108,12 @@ def plot(data: dict[str, Any], out: Path) -> None:
 
 
 def write_ablation(runs_root: Path, out: Path) -> str:
+    if not runs_root.is_dir():
+        raise DataError(f"{runs_root} is not a folder of ablation runs: run `make ablation` first, or give the folder it wrote")
+    check_output_folder(out, "--out")
     runs = load_placements(runs_root)
     if not runs:
-        raise SystemExit(f"error: no finished ablation runs under {runs_root}: run `make ablation` first")
+        raise DataError(f"no finished ablation runs under {runs_root}: run `make ablation` first")
     for name in runs:
         for filename in COPIED:
             src, dst = runs_root / name / filename, out / name / filename
@@ -126,12 +129,12 @@ def write_ablation(runs_root: Path, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lm.ablation", description=__doc__.splitlines()[0])
     parser.add_argument("runs", help="folder with one run folder per placement (make ablation: runs/ablation)")
     parser.add_argument("--out", default="results/ablation")
     args = parser.parse_args(argv)
-    print(write_ablation(Path(args.runs), Path(args.out)))
+    guarded(lambda: print(write_ablation(Path(args.runs), Path(args.out))))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])

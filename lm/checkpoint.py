@@ -8,6 +8,9 @@ any moment leaves either the previous complete checkpoint or the new one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -17,11 +20,80 @@ from typing import Any, Callable
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOCK_NAME = ".lock"
 FORMAT_VERSION = 1
+# What every checkpoint holds, with its type: a dict missing one is refused before use.
+REQUIRED = {"model": dict, "config": dict, "epoch": int}
+# What a resume needs besides.
+RESUME_REQUIRED = {"optimizer": dict, "rng": dict, "step": int, "history": list, "best_valid_ppl": float}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that is in use, or holds a run this command would replace; the message says what to do."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for the life of the run (``flock`` on ``<folder>/.lock``).
+
+    A second process that tries to write into the same folder fails at once with one line. The
+    lock goes with the process (a crash or SIGKILL releases it); the file stays, holding the pid
+    of the last owner. Local file systems only: ``flock`` on NFS may not exclude another host.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunFolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunFolderError(
+                f"{self.folder} is in use by another run (process {owner or 'unknown'}): wait for it to end, "
+                f"or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def check_free(folder: str | os.PathLike) -> None:
+        """Raise ``RunFolderError`` if a process holds ``folder``'s lock; creates and changes nothing."""
+        path = Path(folder) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: no run has held the folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise RunFolderError(
+                f"{folder} is in use by another run (process {owner or 'unknown'}): wait for it to end, or choose another folder"
+            ) from None
+        finally:
+            os.close(fd)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def vocab_digest(words: list[str]) -> str:
+    """SHA-256 of a vocabulary in id order: equal digests mean the same word for every id."""
+    return hashlib.sha256("\n".join(words).encode()).hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -85,9 +157,12 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], before_com
     atomic_write(path, lambda f: torch.save(payload, f), before_commit=before_commit)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint saved by ``save_checkpoint``; one clear error if it is not one."""
+def load_checkpoint(path: str | os.PathLike, required: dict[str, type] | None = None) -> dict[str, Any]:
+    """Load a checkpoint saved by ``save_checkpoint``; one clear error if it is not one, or if it
+    lacks one of the fields every checkpoint has (``REQUIRED``) or ``required`` names."""
     path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
+        path = path / CHECKPOINT_NAME  # a run folder stands for its checkpoint
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt written by lm.train")
     try:
@@ -97,4 +172,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({first[:120]}): use another one") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or "model" not in payload:
         raise CheckpointError(f"{path} is not an lm checkpoint (format {FORMAT_VERSION}): use a checkpoint.pt written by lm.train")
+    for key, kind in {**REQUIRED, **(required or {})}.items():
+        value = payload.get(key)
+        if kind is float and isinstance(value, int):
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "is missing" if key not in payload else f"is a {type(value).__name__}"
+            raise CheckpointError(f"checkpoint {path} is damaged ({key!r} {found}, expected a {kind.__name__}): use another one")
     return payload

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -79,6 +79,7 @@ class TrainerConfig:
     overwrite: bool = MISSING
     nonfinite: str = MISSING
     precision: str = MISSING
+    allow_changes: List[str] = MISSING
 
 
 @dataclass
@@ -107,6 +108,18 @@ class EvalConfig:
     device: str = MISSING
     output: Optional[str] = MISSING
     eval: MonteCarloConfig = field(default_factory=MonteCarloConfig)
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = MISSING
+    prompt: str = MISSING
+    words: int = MISSING
+    temperature: float = MISSING
+    top_k: Optional[int] = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    data_dir: Optional[str] = MISSING
 
 
 DECAY_CONVENTIONS = ("tf", "lua")
@@ -197,6 +210,17 @@ RECIPE_KEYS = {
 }
 
 
+# The keys a resumed run must keep (the recipe but trainer.epochs, which may grow, and the seed and
+# precision): changing one mid-run is refused unless trainer.allow_changes names it.
+RESUME_KEYS = tuple(f"{g}.{k}" for g, keys in RECIPE_KEYS.items() for k in keys if (g, k) != ("trainer", "epochs")) + (
+    "trainer.seed", "trainer.precision")
+
+
+def resume_values(cfg: TrainConfig) -> dict[str, Any]:
+    """{dotted key: value} of the keys a resume must keep (see ``RESUME_KEYS``)."""
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in RESUME_KEYS}
+
+
 def recipe(cfg: TrainConfig) -> dict[str, Any]:
     """{dotted key: value} of the keys that define ``cfg``'s recipe (rates its variant ignores left out)."""
     ignored = {f"model.{key}" for key in DROPOUT_RATES if key not in rates_used(cfg.model.dropout_variant)}
@@ -274,6 +298,8 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _require(t.device in ("cpu", "cuda", "auto"), "trainer.device", "cpu, cuda or auto", t.device)
     _require(t.nonfinite in ("stop", "skip"), "trainer.nonfinite", "stop or skip", t.nonfinite)
     _require(t.precision in PRECISIONS, "trainer.precision", f"one of {PRECISIONS}", t.precision)
+    for key in t.allow_changes:
+        _require(key in RESUME_KEYS, "trainer.allow_changes", f"a list of keys among {', '.join(RESUME_KEYS)}", key)
     return c
 
 
@@ -287,6 +313,18 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     mc = c.eval.mc_samples
     _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
+    _require(c.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto", c.device)
+    return c
+
+
+def validate_generate(cfg: DictConfig | dict) -> GenerateConfig:
+    c: GenerateConfig = to_typed(cfg, GenerateConfig)
+    _require(bool(c.checkpoint), "checkpoint", "a checkpoint path", c.checkpoint)
+    _require(c.temperature > 0 and math.isfinite(c.temperature), "temperature", "a positive number", c.temperature)
+    _positive_int(c.words, "words")
+    _require(c.top_k is None or c.top_k >= 1, "top_k", "null or a positive integer", c.top_k)
+    _require(c.seed >= 0, "seed", "a non-negative integer", c.seed)
+    _require(c.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto", c.device)
     return c
 
 

@@ -162,13 +162,28 @@ class Corpus:
         return getattr(self, name)
 
 
-def _read_lines(files: dict[str, Path]) -> dict[str, list[str]]:
-    """Read each split's lines through the HF ``datasets`` text builder (cached)."""
+def content_digest(blobs: Iterable[bytes]) -> str:
+    """A short hash of the files' bytes (BLAKE2b, about 1 GB/s): what the ``datasets`` cache is keyed on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for blob in blobs:
+        digest.update(len(blob).to_bytes(8, "little"))
+        digest.update(blob)
+    return digest.hexdigest()
+
+
+def _read_lines(files: dict[str, Path], digest: str) -> dict[str, list[str]]:
+    """Read each split's lines through the HF ``datasets`` text builder, cached by content.
+
+    ``datasets`` keys its cache on the files' paths and modification times, so a file changed
+    with its mtime kept (``cp -p``, ``tar``, ``rsync -t``) would be read from the old cache. The
+    digest of the bytes goes into the builder config (its ``description``), which is part of the
+    cache key: other bytes, another cache entry.
+    """
     import datasets  # heavy (pyarrow, pandas): loaded only when a corpus is read, not by batchify's users
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()})
+    ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()}, description=f"content-{digest}")
     return {s: ds[s]["text"] for s in files}
 
 
@@ -200,19 +215,27 @@ def load_corpus(path: str | os.PathLike, verify: bool = True) -> Corpus:
     The vocabulary is built from train only; each split is one int64 tensor.
     """
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a corpus folder: point data.dir / ${DATA_DIR_ENV} at the folder")
     files = split_files(folder)
+    blobs = []
     for split, file in files.items():
         if not file.is_file():
             raise DataError(f"{file} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at the corpus folder")
-        if file.stat().st_size == 0:
+        try:
+            blob = file.read_bytes()
+        except OSError as err:
+            raise DataError(f"{file} cannot be read ({err.strerror}): check its permissions") from None
+        if not blob:
             raise DataError(f"{file} is empty: replace it with the real {split} file")
         try:
-            file.read_bytes().decode("utf-8")
+            blob.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{file} is not valid UTF-8 ({err.reason} at byte {err.start}): fix or replace the file") from None
+        blobs.append(blob)
     if verify and files["train"].name in PTB_MD5:
         verify_ptb(folder)
-    lines = _read_lines(files)
+    lines = _read_lines(files, content_digest(blobs))
     tokens = {s: tokenize(lines[s]) for s in SPLITS}
     for split in SPLITS:
         if len(tokens[split]) == len(lines[split]):
@@ -264,12 +287,16 @@ def main() -> None:
     """``python -m lm.data [FOLDER]``: download (if needed) and verify PTB."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = resolve_data_dir(sys.argv[1] if len(sys.argv) > 1 else "data/ptb")
-    try:
+    try:  # lm.cli's boundary, in small: lm.cli imports this module, so it cannot be imported here
         ensure_ptb(folder)
         corpus = load_corpus(folder)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DataError, OSError) as err:
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130)
     sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in SPLITS)
     print(f"PTB ok in {folder}: vocabulary {len(corpus.vocab):,}; tokens: {sizes}")
 

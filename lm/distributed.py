@@ -77,6 +77,12 @@ class Group:
             dist.destroy_process_group()
 
 
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` set it (0 when not launched by it), known before the
+    group is joined: only rank 0 locks and clears the run folder."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_group(use_cuda: bool) -> Group:
     """Join the process group ``torchrun`` set up (nccl on GPUs, gloo on CPU), if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -8,7 +8,6 @@ under both evaluation protocols. Writes ``DIR/ensemble.json`` and
 
 from __future__ import annotations
 
-import argparse
 import glob
 import sys
 from pathlib import Path
@@ -16,18 +15,25 @@ from typing import Any
 
 import torch
 
-from lm.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from lm.cli import exit_for, user_errors
+from lm.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from lm.cli import ArgumentParser, check_output_folder, guarded, non_negative_int, positive_int
 from lm.config import TrainConfig, validate_saved
+from lm.data import batchify
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
-from lm.runtime import build_model_from_checkpoint, git_commit, load_data
+from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, load_user_data
 
 ENSEMBLE_NAME = "ensemble.json"
 
 
 def expand(patterns: list[str]) -> list[Path]:
+    """Each argument as a path if one exists by that name (any characters, '[' and '*' included),
+    else as a glob pattern."""
     paths: list[Path] = []
     for pattern in patterns:
+        if Path(pattern).exists():
+            path = Path(pattern)
+            paths.append(path / CHECKPOINT_NAME if path.is_dir() and (path / CHECKPOINT_NAME).is_file() else path)
+            continue
         matches = sorted(glob.glob(pattern))
         paths.extend(Path(m) for m in (matches or [pattern]))
     return paths
@@ -40,20 +46,30 @@ def load_members(checkpoints: list[Path]) -> tuple[list[dict[str, Any]], list[Tr
     ckpts = [load_checkpoint(p) for p in checkpoints]
     cfgs = [validate_saved(c["config"]) for c in ckpts]
     first = cfgs[0]
-    for path, cfg in zip(checkpoints[1:], cfgs[1:]):
-        if (cfg.data.name, cfg.data.dir) != (first.data.name, first.data.dir):
-            raise CheckpointError(f"{path} was trained on other data ({cfg.data.name} in {cfg.data.dir}): average models of one corpus")
+    for path, ckpt, cfg in zip(checkpoints[1:], ckpts[1:], cfgs[1:]):
+        if cfg.data.name != first.data.name or (ckpt.get("vocab") and ckpts[0].get("vocab") and ckpt["vocab"] != ckpts[0]["vocab"]):
+            raise CheckpointError(f"{path} was trained on another corpus or vocabulary than {checkpoints[0]}: average models of one corpus")
     return ckpts, cfgs
 
 
-def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None = None, with_members: bool = True) -> dict[str, Any]:
+def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None = None, with_members: bool = True,
+                 data_dir: str | None = None) -> dict[str, Any]:
     """Evaluate the average of ``checkpoints`` (and each alone); ``eval_window`` defaults to the
-    first checkpoint's ``trainer.eval_window``."""
+    first checkpoint's ``trainer.eval_window``. The corpus comes from ``data_dir`` (for PTB by
+    default ``$LM_DATA_DIR`` or data/ptb), never from the checkpoints' saved config."""
+    check_output_folder(out_dir, "--out")
     ckpts, cfgs = load_members(checkpoints)
     first = cfgs[0]
-    corpus = load_data(first.data)
-    models = [build_model_from_checkpoint(c, len(corpus.vocab)) for c in ckpts]
+    corpus = load_user_data(data_dir, first, key="--data-dir")
+    for path, ckpt in zip(checkpoints, ckpts):
+        try:
+            check_vocab(ckpt, corpus.vocab)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    models = [build_model_from_checkpoint(c, corpus.vocab) for c in ckpts]
     batch_size, bptt = first.data.batch_size, first.data.bptt
+    for split in ("valid", "test"):  # before the work: a split too short for the batch size
+        batchify(corpus.split(split), batch_size)
     eval_window = eval_window or first.trainer.eval_window
     lines: list[str] = []
 
@@ -92,19 +108,17 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Average the predicted probabilities of several checkpoints.")
+    parser = ArgumentParser(prog="python -m lm.ensemble", description="Average the predicted probabilities of several checkpoints.")
     parser.add_argument("checkpoints", nargs="+", help="checkpoint paths or glob patterns (quote them)")
     parser.add_argument("--out", required=True, help="folder for ensemble.json and ensemble.log")
-    parser.add_argument("--eval-window", type=int, help="window of the one-stream protocol (default: the checkpoints' trainer.eval_window)")
+    parser.add_argument("--eval-window", type=positive_int, help="window of the one-stream protocol (default: the checkpoints' trainer.eval_window)")
+    parser.add_argument("--data-dir", help="the corpus folder (default for PTB: $LM_DATA_DIR, else data/ptb)")
     parser.add_argument("--no-members", action="store_true", help="skip evaluating each member alone")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members)
-    except user_errors() as err:
-        exit_for(err)
+    guarded(lambda: run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members, args.data_dir))
 
 
 if __name__ == "__main__":

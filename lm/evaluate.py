@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import atomic_write_json, load_checkpoint
 from lm.cli import run_hydra
-from lm.config import validate_eval, validate_saved
+from lm.config import ConfigError, validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
-from lm.runtime import build_model_from_checkpoint, load_data, select_device
+from lm.runtime import build_model_from_checkpoint, load_user_data, select_device
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     """Token-weighted perplexity: exp(total negative log-likelihood / tokens predicted)."""
     if tokens <= 0:
         raise ValueError("perplexity needs at least one predicted token")
-    return math.exp(nll_sum / tokens)
+    try:
+        return math.exp(nll_sum / tokens)
+    except OverflowError:  # a mean NLL above ~709 nats: infinite, which the trainer treats as a numerical fault
+        return math.inf
 
 
 @torch.no_grad()
@@ -125,22 +129,45 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def check_output_file(path: Path, key: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder at its place,
+    a file or an unwritable folder above it."""
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a folder: give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}: {path} is not writable: choose another file")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"{key}: cannot write {path} ({existing} {problem}): choose another place")
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Load a checkpoint, evaluate it under both protocols, print and write JSON."""
+    """Load a checkpoint, evaluate it under both protocols, print and write JSON.
+
+    The data comes from ``data_dir`` (or ``$LM_DATA_DIR``, or data/ptb for a PTB checkpoint), never
+    from the checkpoint's saved config, and is never downloaded here: a checkpoint is untrusted."""
     ecfg = validate_eval(cfg)
-    ckpt = load_checkpoint(ecfg.checkpoint)
+    ckpt_path = Path(ecfg.checkpoint)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "checkpoint.pt"
+    output = Path(ecfg.output) if ecfg.output else ckpt_path.with_name("eval.json")
+    check_output_file(output, "output")
+    ckpt = load_checkpoint(ckpt_path)
     train_cfg = validate_saved(ckpt["config"])
-    if ecfg.data_dir is not None:
-        train_cfg.data.dir = ecfg.data_dir
+    device = select_device(ecfg.device, "device")
     if ecfg.threads:
         torch.set_num_threads(ecfg.threads)
-    corpus = load_data(train_cfg.data)
-    model = build_model_from_checkpoint(ckpt, len(corpus.vocab))
-    device = select_device(ecfg.device)
+    corpus = load_user_data(ecfg.data_dir, train_cfg)
+    model = build_model_from_checkpoint(ckpt, corpus.vocab)
     model.to(device)
     batch_size = ecfg.batch_size or train_cfg.data.batch_size
     bptt = ecfg.bptt or train_cfg.data.bptt
     eval_window = ecfg.eval_window or train_cfg.trainer.eval_window
+    for split in ("valid", "test"):  # before the work: a split too short for the batch size
+        batchify(corpus.split(split), batch_size)
     results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
     print(format_results(results))
     mc_results = None
@@ -149,7 +176,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
         print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
-        "checkpoint": str(ecfg.checkpoint),
+        "checkpoint": str(ckpt_path),
         "epoch": ckpt["epoch"],
         "batch_size": batch_size,
         "bptt": bptt,
@@ -157,7 +184,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "results": results,
         "mc_dropout": None if mc_results is None else {"samples": ecfg.eval.mc_samples, "seed": ecfg.eval.mc_seed, "results": mc_results},
     }
-    output = Path(ecfg.output) if ecfg.output else Path(ecfg.checkpoint).with_name("eval.json")
     atomic_write_json(output, report)
     print(f"wrote {output}")
     return report

@@ -8,7 +8,7 @@ second Ctrl-C stops at once.
 ``fault_point`` lets the crash-safety tests kill the process at an exact place:
 ``LM_FAULT=<point>:<index>:<KILL|TERM|INT>`` sends that signal to the process
 itself when training reaches the point (``step`` N, ``checkpoint`` or ``eval``
-of epoch N). Unset, it costs one dictionary lookup.
+of epoch N, ``final`` 1: the final evaluation). Unset, it costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import Callable
 
 FAULT_ENV = "LM_FAULT"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -38,12 +39,21 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient norm; the message names the step and epoch."""
 
 
+def stop_now(signum: int, frame: FrameType | None) -> None:
+    """The handler of SIGTERM and SIGUSR1 outside a training loop (installed by ``lm.cli.guarded``):
+    the command ends at once, in one line, with 128 + signal, instead of dying silently."""
+    raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
 class StopRequest:
     """Remembers the first stop signal received while installed."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        # called (in the handler) on a signal while set: where no checkpoint is pending, e.g. the
+        # final evaluation, it ends the run at once by raising ``TrainingInterrupted``
+        self.on_signal: Callable[[], None] | None = None
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -57,6 +67,8 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
+        if self.on_signal is not None:
+            self.on_signal()
 
     def forward(self) -> None:
         """Pass the signal on to the handler installed before ours, if it was a Python one.
@@ -65,7 +77,7 @@ class StopRequest:
         checkpoint is written. Python's own Ctrl-C handler is not called.
         """
         previous = self._previous.get(self.signum) if self.signum else None
-        if callable(previous) and previous is not signal.default_int_handler:
+        if callable(previous) and previous not in (signal.default_int_handler, stop_now):
             previous(self.signum, None)
 
     def __enter__(self) -> "StopRequest":

@@ -12,14 +12,14 @@ import sys
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import CheckpointError, load_checkpoint
 from lm.cli import run_hydra
-from lm.config import ConfigError, validate_saved
+from lm.config import validate_generate, validate_saved
 from lm.data import EOS, UNK, DataError, Vocab
 from lm.model import LSTMLanguageModel
-from lm.runtime import build_model_from_checkpoint, load_data, select_device
+from lm.runtime import build_model_from_checkpoint, load_user_data, select_device
 
 
 def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[int]:
@@ -61,35 +61,33 @@ def render(words: list[str]) -> str:
     return " ".join(words).replace(f" {EOS} ", "\n").replace(f" {EOS}", "\n").replace(EOS, "\n").strip()
 
 
-def checkpoint_vocab(ckpt: dict[str, Any]) -> Vocab:
-    """The vocabulary a checkpoint was trained with (rebuilt from its data if not stored)."""
+def checkpoint_vocab(ckpt: dict[str, Any], data_dir: str | None = None) -> Vocab:
+    """The vocabulary a checkpoint was trained with: stored in it, or (older checkpoints) rebuilt
+    from the corpus folder the user gives, never from the folder the checkpoint names."""
     if ckpt.get("vocab"):
-        return Vocab(ckpt["vocab"])
-    return load_data(validate_saved(ckpt["config"]).data).vocab
+        try:
+            return Vocab(ckpt["vocab"])
+        except (ValueError, TypeError):
+            raise CheckpointError("checkpoint is damaged (its stored vocabulary has repeated or non-text words): use another one") from None
+    return load_user_data(data_dir, validate_saved(ckpt["config"])).vocab
 
 
 def run_generation(cfg: DictConfig) -> str:
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint: give the path of a checkpoint.pt written by lm.train")
-    if not cfg.temperature > 0:
-        raise ConfigError(f"temperature must be a positive number, got {cfg.temperature!r}")
-    if not (isinstance(cfg.words, int) and cfg.words >= 1):
-        raise ConfigError(f"words must be a positive integer, got {cfg.words!r}")
-    if cfg.top_k is not None and not (isinstance(cfg.top_k, int) and cfg.top_k >= 1):
-        raise ConfigError(f"top_k must be null or a positive integer, got {cfg.top_k!r}")
-    ckpt = load_checkpoint(cfg.checkpoint)
-    vocab = checkpoint_vocab(ckpt)
-    model = build_model_from_checkpoint(ckpt, len(vocab)).to(select_device(cfg.device))
-    prompt_ids = encode_prompt(str(cfg.prompt or ""), vocab)
-    ids = sample(model, prompt_ids, cfg.words, float(cfg.temperature), cfg.top_k, cfg.seed)
-    prompt = str(cfg.prompt or "").strip()
+    g = validate_generate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    device = select_device(g.device, "device")
+    ckpt = load_checkpoint(g.checkpoint)
+    vocab = checkpoint_vocab(ckpt, g.data_dir)
+    model = build_model_from_checkpoint(ckpt, vocab).to(device)
+    prompt_ids = encode_prompt(g.prompt, vocab)
+    ids = sample(model, prompt_ids, g.words, g.temperature, g.top_k, g.seed)
+    prompt = g.prompt.strip()
     text = (prompt + " " if prompt else "") + render(vocab.decode(ids))
     print(text)
     return text
 
 
 def _hydra_entry() -> None:
-    run_hydra(run_generation, "generate")
+    run_hydra(run_generation, "generate", preflight=lambda cfg: validate_generate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,19 @@ committed runs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lm.checkpoint import atomic_write, atomic_write_text
+from lm.cli import ArgumentParser, check_output_folder, guarded
 from lm.config import ConfigError, compose, recipe, validate, validate_saved
+from lm.data import DataError
 
 # Zaremba et al. 2014, Table 1 (valid, test), keyed by our experiment names.
 PAPER_TABLE_1: dict[str, tuple[str, float, float]] = {
@@ -84,11 +86,39 @@ def recipe_difference(run: Run, experiment: str) -> str:
     return ", ".join(f"{k} {run.recipe.get(k, '-')} (recipe: {ref.get(k, '-')})" for k in keys if run.recipe.get(k) != ref.get(k))
 
 
-def find_runs(root: Path, filename: str = "metrics.json") -> list[Run]:
+# The fields the tables read, per file: a file without them was not written by lm.train / lm.ensemble.
+REQUIRED_FIELDS = {
+    "metrics.json": {"name": str, "seed": int, "config": dict, "epochs": list, "steps": int, "valid_ppl": float,
+                     "test_ppl": float, "eval": dict, "train_seconds": float, "device": str},
+    "ensemble.json": {"name": str, "n_models": int, "checkpoints": list, "valid_ppl": float, "test_ppl": float, "results": dict},
+}
+
+
+def read_run_file(file: Path) -> dict[str, Any]:
+    """A metrics.json or ensemble.json, checked to hold what the tables read; ``DataError`` if not."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{file} cannot be read as JSON ({str(err).splitlines()[0][:100]}): remove it or move it out of the folder") from None
+    fields = REQUIRED_FIELDS.get(file.name, {})
+    bad = [k for k, kind in fields.items() if not isinstance(data, dict) or not isinstance(data.get(k), (int, float) if kind is float else kind)]
+    if bad:
+        raise DataError(f"{file} is not a {file.name} written by this project (no valid {bad[0]!r}): remove it or move it out of the folder")
+    return data
+
+
+def find_runs(root: Path, filename: str = "metrics.json", skip_foreign: bool = False) -> list[Run]:
+    """Every ``filename`` under ``root``; one that is not ours is an error, or with ``skip_foreign``
+    (the user's own runs/) a warning line and left out."""
     runs = []
     for file in sorted(root.rglob(filename)):
-        with open(file) as f:
-            metrics = json.load(f)
+        try:
+            metrics = read_run_file(file)
+        except DataError as err:
+            if not skip_foreign:
+                raise
+            print(f"warning: left out of the table: {err}", file=sys.stderr)
+            continue
         runs.append(Run(file.parent.relative_to(root), metrics))
     return runs
 
@@ -168,7 +198,10 @@ def ensemble_experiment(ensemble: Run) -> str | None:
         metrics = Path(checkpoint).parent / "metrics.json"  # as the ensemble was given them: from the repository root
         if not metrics.is_file():
             return None
-        experiments.add(paper_experiment(Run(metrics.parent, json.loads(metrics.read_text()))))
+        try:
+            experiments.add(paper_experiment(Run(metrics.parent, read_run_file(metrics))))
+        except DataError:
+            return None
     return experiments.pop() if len(experiments) == 1 else None
 
 
@@ -270,7 +303,7 @@ def update_readme_block(readme: Path, block: str) -> bool:
 
 def local_report(root: Path, local: Path) -> str:
     """The table with the committed runs under ``root`` and the user's own under ``local``; writes only plots."""
-    local_runs = find_runs(local)
+    local_runs = find_runs(local, skip_foreign=True)
     for r in local_runs:
         plot_curve(r, local / r.path / CURVE_NAME)
     runs = find_runs(root) + [Run(Path(local.name) / r.path, r.metrics) for r in local_runs]
@@ -295,16 +328,24 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lm.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
     parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
     parser.add_argument("--with-runs", metavar="DIR", help="print the table with your own runs in DIR too (results/README.md keeps only the committed runs)")
     args = parser.parse_args(argv)
-    text = write_report(Path(args.results), plots=not args.no_plots, readme=Path(args.readme))
-    if args.with_runs and Path(args.with_runs).is_dir():
-        text = local_report(Path(args.results), Path(args.with_runs))
-    print(text)
+
+    def body() -> None:
+        results = Path(args.results)
+        if results.exists() and not results.is_dir():
+            raise DataError(f"--results: {results} is a file, not a folder of runs")
+        check_output_folder(results, "--results")
+        text = write_report(results, plots=not args.no_plots, readme=Path(args.readme))
+        if args.with_runs and Path(args.with_runs).is_dir():
+            text = local_report(results, Path(args.with_runs))
+        print(text)
+
+    guarded(body)
 
 
 if __name__ == "__main__":

@@ -5,43 +5,95 @@ lm.generate, so it lives below all of them and imports none of them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, DataConfig, validate_saved
-from lm.data import Corpus, ensure_ptb, load_corpus, resolve_data_dir
+from lm.checkpoint import CheckpointError, vocab_digest
+from lm.config import ConfigError, DataConfig, TrainConfig, validate_saved
+from lm.data import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
 from lm.model import LSTMLanguageModel
 
+DEFAULT_PTB_DIR = "data/ptb"
 
-def select_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda`` as a device; cuda without a GPU is a config error."""
+
+def select_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a device; cuda without a GPU is a config error naming ``key``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device is cuda but no GPU is visible: use trainer.device=cpu")
+        raise ConfigError(f"{key} is cuda but no GPU is visible: use {key}=cpu")
     return torch.device(name)
 
 
 def load_data(data: DataConfig) -> Corpus:
-    """The corpus a data config names (PTB is downloaded if allowed, and MD5-checked)."""
+    """The corpus a training config names (PTB is downloaded if allowed, and MD5-checked)."""
     folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")
     if data.name == "ptb":
         ensure_ptb(folder, data.url, download=data.download)
     return load_corpus(folder)
 
 
-def build_model_from_checkpoint(ckpt: dict[str, Any], vocab_size: int) -> LSTMLanguageModel:
-    """The checkpoint's model with its weights; refuses a vocabulary of another size."""
+def load_user_data(data_dir: str | None, saved: TrainConfig, key: str = "data_dir") -> Corpus:
+    """The corpus to evaluate a checkpoint on, from the user's command only.
+
+    A checkpoint is untrusted input: its saved ``data.dir``, ``data.url`` and ``data.download``
+    are never used (they could create folders or download from anywhere). PTB comes from
+    ``key`` or ``$LM_DATA_DIR`` or ``data/ptb``, never downloaded here; another corpus needs ``key``.
+    """
+    is_ptb = saved.data.name == "ptb"
+    if data_dir is None and not is_ptb:
+        raise ConfigError(f"the checkpoint was trained on the {saved.data.name!r} corpus: give its folder with {key}=PATH")
+    folder = Path(data_dir).expanduser() if data_dir is not None else resolve_data_dir(DEFAULT_PTB_DIR)
+    if is_ptb and not (folder / "ptb.train.txt").exists() and not (folder / "train.txt").exists():
+        where = f"${DATA_DIR_ENV}" if data_dir is None and os.environ.get(DATA_DIR_ENV) else key
+        raise ConfigError(f"no PTB files in {folder}: run `make data`, or give the folder with {where}=PATH")
+    return load_corpus(folder)
+
+
+def check_vocab(ckpt: dict[str, Any], vocab: Vocab, what: str = "the corpus") -> None:
+    """Refuse a corpus whose vocabulary is not the checkpoint's, word for word (ids included):
+    the same size with other words would give a meaningless perplexity."""
+    saved = ckpt.get("vocab")
+    if saved is None:  # checkpoints from before the vocabulary was stored: only the size can be compared
+        size = ckpt["model"]["embedding.weight"].shape[0] if "embedding.weight" in ckpt["model"] else None
+        if size is not None and size != len(vocab):
+            raise CheckpointError(f"checkpoint has a vocabulary of {size} words, {what} {len(vocab)}: use the corpus it was trained on")
+        return
+    if not isinstance(saved, list) or ckpt.get("vocab_sha256", vocab_digest(saved)) != vocab_digest(saved):
+        raise CheckpointError("checkpoint is damaged (its stored vocabulary does not match its digest): use another one")
+    if saved == vocab.itos:
+        return
+    if len(saved) != len(vocab):
+        raise CheckpointError(f"checkpoint has a vocabulary of {len(saved)} words, {what} {len(vocab)}: use the corpus it was trained on")
+    i = next(i for i, (a, b) in enumerate(zip(saved, vocab.itos)) if a != b)
+    raise CheckpointError(
+        f"checkpoint's vocabulary differs from {what}'s (same {len(saved)} words in size, but id {i} is {saved[i]!r} there, "
+        f"{vocab.itos[i]!r} here): use the corpus it was trained on"
+    )
+
+
+def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LSTMLanguageModel:
+    """The checkpoint's model with its weights; refuses another vocabulary (word for word when
+    ``vocab`` is a ``Vocab``) or weights that do not fit the saved config."""
     cfg = validate_saved(ckpt["config"])
-    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
-    if saved_vocab != vocab_size:
-        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, the corpus {vocab_size}: use the corpus it was trained on")
+    if isinstance(vocab, Vocab):
+        check_vocab(ckpt, vocab)
+        vocab_size = len(vocab)
+    else:
+        vocab_size = vocab
+        saved = len(ckpt["vocab"]) if ckpt.get("vocab") else ckpt["model"]["embedding.weight"].shape[0]
+        if saved != vocab_size:
+            raise CheckpointError(f"checkpoint has a vocabulary of {saved} words, the corpus {vocab_size}: use the corpus it was trained on")
     model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint's weights do not fit its model ({first[:160]}): the file is damaged, use another one") from None
     return model
 
 

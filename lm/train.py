@@ -9,11 +9,14 @@ epoch and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,28 +29,35 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import (
     CHECKPOINT_NAME,
+    RESUME_REQUIRED,
     CheckpointError,
+    RunFolderError,
+    RunFolderLock,
     atomic_write_json,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    vocab_digest,
 )
 from lm.cli import run_hydra
 from lm.config import (
-    ConfigError, DataConfig, OptimConfig, TrainConfig, check_group_choices, ignored_overrides, validate, validate_saved,
+    ConfigError, DataConfig, OptimConfig, TrainConfig, TrainerConfig, check_group_choices, ignored_overrides, resume_values,
+    validate, validate_saved,
 )
 from lm.data import Corpus, DataError, batchify, bptt_windows
-from lm.distributed import Group, init_group
+from lm.distributed import Group, init_group, launch_rank
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.loss import summed_nll
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
-from lm.runtime import git_commit, load_data, select_device
+from lm.runtime import check_vocab, git_commit, load_data, select_device
 
 log = logging.getLogger("lm.train")
 
 METRICS_NAME = "metrics.json"
+# What a run writes into its folder: removed first by trainer.overwrite=true (tb/ is a folder).
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "eval.json")
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -277,6 +287,7 @@ class Run:
     partial: EpochProgress | None = None  # a resumed mid-epoch position, taken up by the next epoch
     wall_before: float = 0.0  # wall time of this run's earlier processes (resumes)
     sessions: int = 1  # processes this run has taken, this one included
+    changes: list[dict[str, Any]] = field(default_factory=list)  # keys changed on resume (trainer.allow_changes)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -297,6 +308,8 @@ class Run:
             "rng": rng_state(),
             "config": self.config_dict,
             "vocab": self.corpus.vocab.itos,
+            "vocab_sha256": vocab_digest(self.corpus.vocab.itos),
+            "changes": self.changes,
             "epoch": self.epochs_done,
             "step": self.step,
             "history": self.history,
@@ -327,6 +340,7 @@ class Run:
         self.wall_before = ckpt.get("wall_seconds", sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in self.history)
                                     + (self.partial.seconds if self.partial else 0.0))
         self.sessions = ckpt.get("sessions", 1) + 1
+        self.changes = list(ckpt.get("changes", []))
 
 
 def _global_progress(progress: EpochProgress, group: Group) -> EpochProgress:
@@ -351,17 +365,99 @@ def _local_progress(progress: EpochProgress, group: Group, batch_size: int, devi
 def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and write ``metrics.json`` into ``out_dir``; returns the metrics.
 
-    Raises ``TrainingInterrupted`` after checkpointing when a stop signal arrives,
-    and ``NonFiniteError`` (keeping the last good checkpoint) on a NaN/inf step.
+    The folder is locked for the whole run and claimed first (``claim_run_folder``: what it
+    holds decides whether this run may start, continue or replace it). Raises
+    ``TrainingInterrupted`` after checkpointing when a stop signal arrives, ``NonFiniteError``
+    (keeping the last good checkpoint) on a NaN/inf step or perplexity, and ``RunFolderError``,
+    ``CheckpointError`` or ``ConfigError`` when the folder or the checkpoint cannot be used.
     """
-    run = prepare_run(cfg, Path(out_dir), list(overrides or []))
+    out_dir = Path(out_dir)
+    lock = RunFolderLock(out_dir) if launch_rank() == 0 else contextlib.nullcontext()  # one lock per run, not per rank
+    with lock, StopRequest() as stop:  # the folder is this run's, and signals are ours, until it ends
+        resume_from = claim_run_folder(out_dir, cfg.trainer)
+        run = prepare_run(cfg, out_dir, list(overrides or []))
+        try:
+            if resume_from is not None:
+                resume(run, resume_from)
+                finished = _already_finished(run)
+                if finished is not None:
+                    return finished
+            train_epochs(run, stop)
+            results = evaluate_final(run, stop)
+        finally:
+            run.group.close()
+        return write_metrics(run, results)
+
+
+def claim_run_folder(out_dir: Path, trainer: TrainerConfig) -> Path | None:
+    """What this run may do with ``out_dir``, decided from what the folder holds, before any work;
+    returns the checkpoint to resume from, if any. Also used by the preflight of a single run.
+
+    - ``trainer.overwrite=true``: the run there (if any) is replaced (its files are removed when
+      training starts); with ``trainer.resume`` it is a contradiction.
+    - no ``trainer.resume``: the folder must hold no run (no checkpoint.pt, no metrics.json).
+    - ``trainer.resume=auto``: continue the folder's checkpoint.pt; none there starts afresh,
+      unless metrics.json is there (a finished run without its checkpoint cannot be continued).
+    - ``trainer.resume=PATH``: the folder must hold no run, unless PATH is its own checkpoint.
+    """
+    checkpoint, metrics = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
+    holds = "a finished run" if metrics.exists() else "an unfinished run (checkpoint.pt, no metrics.json)" if checkpoint.exists() else None
+    resume = trainer.resume or None
+    if trainer.overwrite:
+        if resume is not None:
+            raise ConfigError(f"trainer.overwrite=true replaces the run in {out_dir}, trainer.resume={resume} continues one: give one of them")
+        return None
+    if resume is None:
+        if holds:
+            raise RunFolderError(
+                f"{out_dir} already holds {holds}: pass trainer.resume=auto to continue it, trainer.overwrite=true to replace it, "
+                f"or hydra.run.dir=... for a new folder"
+            )
+        return None
+    if resume == "auto":
+        if checkpoint.exists():
+            return checkpoint
+        if metrics.exists():
+            raise RunFolderError(
+                f"{out_dir} holds a finished run's metrics.json but no checkpoint.pt, so trainer.resume=auto cannot continue it: "
+                f"trainer.overwrite=true replaces it, or choose another folder with hydra.run.dir=..."
+            )
+        return None  # nothing there yet: a fresh run (a rerun of a sweep or of make ablation)
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if holds and path.resolve() != checkpoint.resolve():
+        raise RunFolderError(
+            f"{out_dir} already holds {holds}, which trainer.resume={resume} would replace: resume into a new folder "
+            f"(hydra.run.dir=...), or pass trainer.overwrite=true"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"trainer.resume: checkpoint {path} does not exist: give the path of a checkpoint.pt written by lm.train")
+    return path
+
+
+def _clear_run_folder(out_dir: Path) -> None:
+    """trainer.overwrite=true: remove the files of the run being replaced (under the folder's lock)."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "tb", ignore_errors=True)
+
+
+def _already_finished(run: Run) -> dict[str, Any] | None:
+    """A resumed run with every epoch trained and its metrics.json written: nothing to do (e.g. a
+    rerun of ``make ablation``); returns those metrics, written again by no one."""
+    path = run.out_dir / METRICS_NAME
+    done = run.epochs_done >= run.cfg.trainer.epochs or run.max_steps_reached()
+    if not done or run.partial is not None or not path.exists():
+        return None
     try:
-        resume_if_asked(run)
-        train_epochs(run)
-        results = evaluate_final(run)
-    finally:
-        run.group.close()
-    return write_metrics(run, results)
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("steps") != run.step or not isinstance(metrics.get("epochs"), list) or len(metrics["epochs"]) != run.epochs_done:
+        return None
+    log.info("%s already holds this run, finished (%d epochs, step %d): nothing to do", run.out_dir, run.epochs_done, run.step)
+    return metrics
 
 
 def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
@@ -385,6 +481,8 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
         skip_nonfinite=cfg.trainer.nonfinite == "skip",
         reduce_gradients=group.average_gradients if group.active else None,
     )
+    if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
+        _clear_run_folder(out_dir)
     return Run(cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict)
 
 
@@ -410,7 +508,7 @@ def _training_data(corpus: Corpus, data: DataConfig, group: Group, device: torch
     """This rank's training windows on the device, and the batched validation split."""
     train_data = batchify(corpus.train, data.batch_size)
     valid_data = batchify(corpus.valid, data.batch_size)
-    batchify(corpus.test, 1)  # fail early if the test split cannot be evaluated
+    batchify(corpus.test, data.batch_size)  # fail now, not after training, if the final evaluation cannot batch it
     if data.bptt >= train_data.size(1):
         raise DataError(
             f"data.bptt {data.bptt} is not shorter than each of the {data.batch_size} training streams "
@@ -421,13 +519,23 @@ def _training_data(corpus: Corpus, data: DataConfig, group: Group, device: torch
 
 
 def resume_if_asked(run: Run) -> None:
-    """With ``trainer.resume``, continue from a checkpoint of the same model and corpus."""
+    """With ``trainer.resume``, continue from a checkpoint of the same model, corpus and recipe."""
     path = resolve_resume(run.cfg.trainer.resume, run.out_dir)
-    if path is None:
-        return
-    ckpt = load_checkpoint(path)
-    _check_resumable(ckpt, run.cfg, len(run.corpus.vocab))
-    run.restore(ckpt)
+    if path is not None:
+        resume(run, path)
+
+
+def resume(run: Run, path: Path) -> None:
+    """Continue from the checkpoint at ``path`` (checked: same model, same vocabulary word for
+    word, same recipe unless ``trainer.allow_changes`` names a key)."""
+    ckpt = load_checkpoint(path, required=RESUME_REQUIRED)
+    changed = check_resumable(ckpt, run.cfg, path)
+    check_vocab(ckpt, run.corpus.vocab, "this run's corpus")
+    try:
+        run.restore(ckpt)
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed ({str(err).splitlines()[0][:160]}): it is damaged, use another one") from None
+    run.changes += [{"key": k, "from": a, "to": b, "step": run.step} for k, a, b in changed]
     where = f"epoch {run.epochs_done + 1}, window {run.partial.window}" if run.partial else f"the end of epoch {run.epochs_done}"
     log.info("resumed from %s at %s (step %d)", path, where, run.step)
 
@@ -438,18 +546,39 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     if resume == "auto":
         path = out_dir / CHECKPOINT_NAME
         return path if path.exists() else None
-    return Path(resume)
+    path = Path(resume)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) -> None:
+def _changed_keys(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, this run's value) of every key a resume must keep that differs."""
+    before, after = resume_values(saved), resume_values(cfg)
+    return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
+
+
+def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> list[tuple[str, Any, Any]]:
+    """Refuse a checkpoint of another model, or one whose recipe this run changes (a key of
+    ``RESUME_KEYS`` not in ``trainer.allow_changes``); returns the allowed changes. The vocabulary
+    is compared when the corpus is loaded (``check_vocab``)."""
+    _check_same_model(ckpt, cfg)
+    changed = _changed_keys(validate_saved(ckpt["config"]), cfg)
+    refused = [c for c in changed if c[0] not in cfg.trainer.allow_changes]
+    if refused:
+        key, before, after = refused[0]
+        raise CheckpointError(
+            f"{key} is {after!r} here but {before!r} in the checkpoint being resumed ({path}): resume with {key}={before}, "
+            f"or pass trainer.allow_changes=[{key}] to change it from step {ckpt['step']} on"
+            + (f" ({len(refused) - 1} more changed)" if len(refused) > 1 else "")
+        )
+    return changed
+
+
+def _check_same_model(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
     saved = validate_saved(ckpt["config"])
     for key in ("hidden_size", "num_layers"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
             raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
-    saved_vocab = ckpt["model"]["embedding.weight"].shape[0]
-    if saved_vocab != vocab_size:
-        raise CheckpointError(f"checkpoint has a vocabulary of {saved_vocab} words, this corpus {vocab_size}: resume on the same corpus")
     for key in ("tie_weights", "dropout_variant"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
@@ -458,9 +587,13 @@ def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, vocab_size: int) ->
         raise CheckpointError("checkpoint is from another model (weight dropping on in one, off in the other): resume with the same model.weight_drop")
 
 
-def train_epochs(run: Run) -> None:
+def train_epochs(run: Run, stop: StopRequest | None = None) -> None:
     """The epochs left to train, each ending with validation and a checkpoint; a stop signal
-    ends the loop after a checkpoint (mid-epoch or at the epoch's end) with ``TrainingInterrupted``."""
+    ends the loop after a checkpoint (mid-epoch or at the epoch's end) with ``TrainingInterrupted``,
+    also one that came during the last epoch's validation."""
+    if stop is None:
+        with StopRequest() as own:
+            return train_epochs(run, own)
     cfg = run.cfg
     log.info(
         "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads, %s",
@@ -469,19 +602,22 @@ def train_epochs(run: Run) -> None:
     )
     writer = _open_writer(run)
     try:
-        with StopRequest() as stop:
-            for epoch in range(run.epochs_done, cfg.trainer.epochs):
-                if run.max_steps_reached():
-                    break
-                progress = _train_one_epoch(run, epoch, lambda: run.group.any(bool(stop)), writer)
-                stopped = run.group.any(bool(stop))
-                mid_epoch = progress.window < len(run.windows)
-                if stopped and mid_epoch:
-                    run.save(progress)
-                    _interrupt(stop, f"in epoch {epoch + 1} at step {run.step}", run.checkpoint_path)
-                _finish_epoch(run, epoch, progress, writer)
-                if stopped and epoch + 1 < cfg.trainer.epochs:
-                    _interrupt(stop, f"after epoch {epoch + 1}", run.checkpoint_path)
+        for epoch in range(run.epochs_done, cfg.trainer.epochs):
+            if run.max_steps_reached():
+                break
+            progress = _train_one_epoch(run, epoch, lambda: run.group.any(bool(stop)), writer)
+            stopped = run.group.any(bool(stop))
+            mid_epoch = progress.window < len(run.windows)
+            if stopped and mid_epoch and run.step == 0:  # stopped while setting up: nothing to keep
+                stop.forward()
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, f"stopped by {stop.name or 'another rank'} before the "
+                                          f"first step; no checkpoint written, the same command starts the run again")
+            if stopped and mid_epoch:
+                run.save(progress)
+                _interrupt(stop, f"in epoch {epoch + 1} at step {run.step}", run.checkpoint_path)
+            _finish_epoch(run, epoch, progress, writer)
+            if run.group.any(bool(stop)):  # before or during this epoch's validation, the last one's too
+                _interrupt(stop, f"after epoch {epoch + 1}", run.checkpoint_path)
     finally:
         writer.close()
 
@@ -536,12 +672,19 @@ def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) ->
     fault_point("eval", epoch + 1)
     eval_start = time.perf_counter()
     valid_ppl = perplexity(*evaluate(run.model, run.valid_data, run.cfg.data.bptt))  # every rank: the same number
-    run.best_valid = min(run.best_valid, valid_ppl)
     train_nll, train_tokens = run.group.sum([progress.nll, progress.tokens])
+    train_ppl = perplexity(train_nll, int(train_tokens)) if train_tokens else math.nan
+    if not (math.isfinite(valid_ppl) and (math.isfinite(train_ppl) or not train_tokens)):
+        kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"non-finite perplexity at epoch {epoch + 1} (train {train_ppl:g}, valid {valid_ppl:g}: the loss overflowed); stopped, {kept} "
+            f"(try a lower optim.lr or optim.max_grad_norm)"
+        )
+    run.best_valid = min(run.best_valid, valid_ppl)
     record = {
         "epoch": epoch + 1,
         "lr": learning_rate(epoch, run.cfg.optim),
-        "train_ppl": perplexity(train_nll, int(train_tokens)),
+        "train_ppl": train_ppl,
         "valid_ppl": valid_ppl,
         "words_per_s": train_tokens / progress.seconds,
         "seconds": progress.seconds,
@@ -570,10 +713,26 @@ def _interrupt(stop: StopRequest, where: str, checkpoint: Path) -> NoReturn:
         f"Resume with the same command plus trainer.resume=auto"))
 
 
-def evaluate_final(run: Run) -> dict[str, dict[str, dict[str, float]]]:
-    """Valid and test perplexity under both protocols (``lm.evaluate``)."""
+def evaluate_final(run: Run, stop: StopRequest | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Valid and test perplexity under both protocols (``lm.evaluate``). Every epoch is in the
+    checkpoint by now, so a stop signal here ends the run at once (``TrainingInterrupted``);
+    a non-finite perplexity is a ``NonFiniteError`` (no metrics.json is written)."""
     log.info("final evaluation (valid and test, both protocols)")
-    return evaluate_all(run.model, run.corpus, run.cfg.data.batch_size, run.cfg.data.bptt, run.cfg.trainer.eval_window)
+    where = "during the final evaluation (every trained step is in the checkpoint)"
+    if stop is not None:
+        stop.on_signal = lambda: _interrupt(stop, where, run.checkpoint_path)
+        if stop:
+            _interrupt(stop, where, run.checkpoint_path)
+    try:
+        fault_point("final", 1)
+        results = evaluate_all(run.model, run.corpus, run.cfg.data.batch_size, run.cfg.data.bptt, run.cfg.trainer.eval_window)
+    finally:
+        if stop is not None:
+            stop.on_signal = None
+    bad = [f"{s} {p} {r['ppl']:g}" for s, by_p in results.items() for p, r in by_p.items() if not math.isfinite(r["ppl"])]
+    if bad:
+        raise NonFiniteError(f"final evaluation: non-finite perplexity ({', '.join(bad)}); metrics.json not written (try a lower optim.lr)")
+    return results
 
 
 def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -591,11 +750,13 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "best_valid_ppl": run.best_valid,
         "epochs": history,
         "steps": run.step,
-        "completed": len(history) == run.cfg.trainer.epochs and history[-1]["steps"] == len(run.windows) if history else False,
+        # every step of every epoch trained (a trainer.max_steps run continued later is not)
+        "completed": len(history) == run.cfg.trainer.epochs and all(e["steps"] == len(run.windows) for e in history),
         "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
         "wall_seconds": run.wall_seconds(),  # summed over resumes
         "sessions": run.sessions,
+        "resume_changes": run.changes,  # keys changed on resume (trainer.allow_changes), with the step from which
         "parameters": count_parameters(run.model),
         "seed": run.cfg.trainer.seed,
         "config": run.config_dict,
@@ -637,13 +798,13 @@ def preflight(cfg: DictConfig) -> None:
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
+    select_device(c.trainer.device)  # cuda without a GPU
     run_dir = Path(cfg.hydra.run.dir)
     check_writable(run_dir, "hydra.run.dir")
-    if (run_dir / METRICS_NAME).exists() and c.trainer.resume is None and not c.trainer.overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a finished run: pass trainer.resume=auto to continue it, trainer.overwrite=true to replace it, "
-            f"or hydra.run.dir=... for a new folder"
-        )
+    RunFolderLock.check_free(run_dir)  # a run in progress there: say so, whatever the folder holds yet
+    resume_from = claim_run_folder(run_dir, c.trainer)
+    if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
+        check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from)
 
 
 def _train_job(cfg: DictConfig) -> None:

@@ -58,7 +58,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_evaluate_command_matches_training_numbers(tiny_run: Path):
     out = tiny_run / "eval.json"
-    report = run_evaluation(compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"output={out}", "device=cpu"]))
+    report = run_evaluation(compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"data_dir={tiny_run / 'corpus'}",
+                                                 f"output={out}", "device=cpu"]))
     metrics = json.loads((tiny_run / "out" / "metrics.json").read_text())
     assert report["results"]["test"]["stream"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-9)
     assert report["results"]["valid"]["batched"]["ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-9)
@@ -105,7 +106,8 @@ def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
     corpus = tiny_run / "corpus"
     second = tmp_path / "results" / "seed-2"
     train(train_config(tiny_overrides(corpus, "trainer.max_steps=30", "trainer.seed=2")), second)
-    report = run_ensemble([tiny_run / "out" / "checkpoint.pt", second / "checkpoint.pt"], tmp_path / "results" / "ensemble")
+    report = run_ensemble([tiny_run / "out" / "checkpoint.pt", second / "checkpoint.pt"], tmp_path / "results" / "ensemble",
+                          data_dir=str(corpus))
     members = [m["results"]["test"]["stream"]["ppl"] for m in report["members"]]
     assert report["n_models"] == 2 and report["test_ppl"] < max(members)
     assert (tmp_path / "results" / "ensemble" / "ensemble.log").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +134,215 @@ def test_nonfinite_skip_mode_counts_skipped_steps(tiny_corpus, tmp_path, monkeyp
     metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.nonfinite=skip", "trainer.max_steps=20")), tmp_path)
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 20
     assert metrics["valid_ppl"] < 1e4
+
+
+# ------------------------------------------------------------- the reliability issue's faults, as a table
+
+import hashlib  # noqa: E402
+
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from lm import train as train_module  # noqa: E402
+
+
+def _entry(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """``python -m lm.train ARGV`` in this process: (exit code, stderr); 0 when it returns."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        train_module._hydra_entry()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
+def _one_line(err: str, message: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "train.log")}
+
+
+# (fault, exit code, message, checkpoint of every epoch): a stop anywhere after the epoch loop
+# ends the run with its line, and no metrics.json; trainer.resume=auto then finishes it.
+SIGNAL_CASES = [
+    ("eval:1:TERM", 143, "stopped by SIGTERM after epoch 1"),        # during the last validation
+    ("eval:1:USR1", 138, "stopped by SIGUSR1 after epoch 1"),
+    ("eval:1:INT", 130, "stopped by SIGINT after epoch 1"),
+    ("final:1:TERM", 143, "stopped by SIGTERM during the final evaluation"),
+    ("final:1:USR1", 138, "stopped by SIGUSR1 during the final evaluation"),
+    ("final:1:INT", 130, "stopped by SIGINT during the final evaluation"),
+    ("checkpoint:1:TERM", 143, "stopped by SIGTERM after epoch 1"),  # while the last checkpoint is written
+]
+
+
+@pytest.mark.parametrize("fault, code, message", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
+def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(fault, code, message, tiny_corpus, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    args = [*tiny_overrides(tiny_corpus, "trainer.epochs=1"), f"hydra.run.dir={run}"]
+    monkeypatch.setenv("LM_FAULT", fault)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # pytest has no SIGUSR1 handler to pass the signal on to
+    try:
+        got, err = _entry(args, monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == code, err
+    _one_line(err, message)
+    assert "trainer.resume=auto" in err
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    monkeypatch.delenv("LM_FAULT")
+    got, err = _entry([*args, "trainer.resume=auto"], monkeypatch, capsys)
+    assert got == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["completed"] and metrics["sessions"] == 2
+
+
+def test_a_stop_while_setting_up_writes_no_checkpoint(tiny_corpus, tmp_path, monkeypatch, capsys):
+    real = train_module.load_data
+
+    def load_data_then_sigterm(data):
+        corpus = real(data)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while PTB is read
+        return corpus
+
+    monkeypatch.setattr(train_module, "load_data", load_data_then_sigterm)
+    run = tmp_path / "run"
+    got, err = _entry([*tiny_overrides(tiny_corpus), f"hydra.run.dir={run}"], monkeypatch, capsys)
+    assert got == 143, err
+    _one_line(err, "stopped by SIGTERM before the first step; no checkpoint written")
+    assert not (run / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    assert train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2")), run)["steps"] == 2  # the same command again
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tiny_corpus, tmp_path, monkeypatch, capsys):
+    def twice(point: str, index: int) -> None:
+        if point == "step" and index == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "fault_point", twice)
+    got, err = _entry([*tiny_overrides(tiny_corpus), f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    assert got == 130, err
+    _one_line(err, "stopped by SIGINT (Ctrl-C)")
+
+
+NONFINITE_CASES = [
+    ("huge-lr", ["optim.lr=1e30", "optim.max_grad_norm=1e30"], "non-finite"),
+    ("overflowing-perplexity", [], "non-finite perplexity at epoch 1"),
+]
+
+
+@pytest.mark.parametrize("case, extra, message", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
+def test_nonfinite_training_exits_3_with_one_line(case, extra, message, tiny_corpus, tmp_path, monkeypatch, capsys):
+    if case == "overflowing-perplexity":  # a loss too large for exp(): finite NLL, infinite perplexity
+        monkeypatch.setattr(train_module, "evaluate", lambda model, data, window: (1e6, 10))
+    run = tmp_path / "run"
+    got, err = _entry([*tiny_overrides(tiny_corpus, "trainer.epochs=1", *extra), f"hydra.run.dir={run}"], monkeypatch, capsys)
+    assert got == 3, err
+    _one_line(err, message)
+    assert not (run / "metrics.json").exists()
+
+
+def test_max_steps_run_continued_is_not_completed(tiny_corpus, tmp_path):
+    from lm.report import comparison_table, find_runs
+
+    run = tmp_path / "run"
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=5")), run)
+    metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.resume=auto")), run)
+    assert metrics["epochs"][0]["steps"] == 5 and not metrics["completed"]
+    assert "| `run` |" not in comparison_table(find_runs(tmp_path))
+
+
+def test_resume_auto_of_a_finished_run_changes_nothing(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=3")), run)
+    before = _files(run)
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=3", "trainer.resume=auto")), run)
+    assert _files(run) == before
+
+
+def test_overwrite_replaces_the_whole_run(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=3")), run)
+    (run / "eval.json").write_text("{}")
+    metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2", "trainer.overwrite=true")), run)
+    assert metrics["steps"] == 2 and metrics["sessions"] == 1 and not (run / "eval.json").exists()
+    assert len(list((run / "tb").iterdir())) == 1  # the old event file went with the old run
+
+
+def test_allowed_changes_are_recorded(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=3")), run)
+    metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=6", "trainer.resume=auto",
+                                                "optim.lr=0.5", "trainer.allow_changes=[optim.lr]")), run)
+    assert metrics["resume_changes"] == [{"key": "optim.lr", "from": 1.0, "to": 0.5, "step": 3}]
+
+
+def test_the_data_cache_is_keyed_by_content_not_mtime(tiny_corpus):
+    from lm.data import load_corpus
+
+    first = load_corpus(tiny_corpus)
+    path = tiny_corpus / "train.txt"
+    stat = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("cat", "cow"))  # same size, and the old mtime put back (cp -p, tar, rsync -t)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load_corpus(tiny_corpus)
+    assert "cow" in second.vocab and "cat" not in second.vocab and "cat" in first.vocab
+
+
+def test_a_sweep_names_its_jobs_without_equals_or_commas_and_a_rerun_replaces_nothing(tiny_corpus, tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *tiny_overrides(tiny_corpus, "trainer.max_steps=1"), "model.dropout=0.1,0.2", f"hydra.sweep.dir={sweep}"]
+    got, err = _entry(args, monkeypatch, capsys)
+    assert got == 0, err
+    jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert len(jobs) == 2 and not any("=" in str(p.relative_to(sweep)) or "," in str(p.relative_to(sweep)) for p in jobs), jobs
+    assert jobs[0].name.endswith("_trainer.max_steps-1") and "model.dropout-0.1" in jobs[0].name
+    before = {job: _files(job) for job in jobs}
+    got, err = _entry(args, monkeypatch, capsys)
+    assert got == 2, err
+    _one_line(err, "already holds a finished run")
+    assert {job: _files(job) for job in jobs} == before
+
+
+# ------------------------------------------------------------- make targets: exit codes passed through
+
+def _make(target: str, *variables: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    venv = Path(sys.executable).parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env.update(env_extra or {})
+    stamp = venv / ".installed"
+    return subprocess.run(["make", "--no-print-directory", "-o", str(stamp), "-o", "data", f"VENV={venv}", target, *variables],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _own_lines(stderr: str) -> list[str]:
+    """stderr without make's own lines (``make: *** [...] Error N``) and the shell's echo of a killed job."""
+    return [l for l in stderr.strip().splitlines() if not re.match(r"make(\[\d+\])?: ", l) and l.strip() not in ("Terminated", "Interrupt")]
+
+
+@pytest.mark.slow
+def test_make_targets_pass_exit_codes_through(tiny_corpus, tmp_path):
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    run = tmp_path / "a run=1,x"
+    args = " ".join([*tiny_overrides(tiny_corpus, "trainer.epochs=1"), f"'hydra.run.dir={run}'"])
+    stopped = _make("train-small", f"ARGS={args}", env_extra={"LM_FAULT": "step:3:TERM"})
+    assert stopped.returncode == -signal.SIGTERM, stopped.stderr  # make ends by the same signal: 143 in a shell
+    assert len(_own_lines(stopped.stderr)) == 1 and "trainer.resume=auto" in stopped.stderr
+    evaluated = _make("eval", f"CKPT={run / 'checkpoint.pt'}", f"ARGS=data_dir={tiny_corpus} output={tmp_path / 'e.json'}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["checkpoint"] == str(run / "checkpoint.pt")
+    missing = _make("eval")
+    assert missing.returncode == 2 and _own_lines(missing.stderr) == ["error: give CKPT=path/to/checkpoint.pt"]
+    absent = _make("eval", f"CKPT={tmp_path / 'none.pt'}")
+    assert absent.returncode == 2 and len(_own_lines(absent.stderr)) == 1 and "does not exist" in absent.stderr

@@ -15,6 +15,7 @@ from lm.config import compose
 from lm.config import ConfigError
 from lm.data import batchify, bptt_windows
 from lm.model import LSTMLanguageModel
+from lm.checkpoint import RunFolderError
 from lm.train import learning_rate, preflight, train, train_epoch
 
 from helpers import REPO, tiny_overrides, train_config
@@ -243,7 +244,7 @@ def test_finished_run_is_not_overwritten(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=1")), run_dir)
     before = (run_dir / "metrics.json").read_bytes()
-    with pytest.raises(ConfigError, match="already holds a finished run: pass trainer.resume=auto"):
+    with pytest.raises(RunFolderError, match="already holds a finished run: pass trainer.resume=auto"):
         preflight(compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}"), return_hydra_config=True))
     assert (run_dir / "metrics.json").read_bytes() == before
     preflight(compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}", "trainer.overwrite=true"), return_hydra_config=True))
