@@ -518,13 +518,6 @@ def _training_data(corpus: Corpus, data: DataConfig, group: Group, device: torch
     return bptt_windows(train_data[group.rows(data.batch_size)].to(device), data.bptt), valid_data
 
 
-def resume_if_asked(run: Run) -> None:
-    """With ``trainer.resume``, continue from a checkpoint of the same model, corpus and recipe."""
-    path = resolve_resume(run.cfg.trainer.resume, run.out_dir)
-    if path is not None:
-        resume(run, path)
-
-
 def resume(run: Run, path: Path) -> None:
     """Continue from the checkpoint at ``path`` (checked: same model, same vocabulary word for
     word, same recipe unless ``trainer.allow_changes`` names a key)."""
@@ -538,16 +531,6 @@ def resume(run: Run, path: Path) -> None:
     run.changes += [{"key": k, "from": a, "to": b, "step": run.step} for k, a, b in changed]
     where = f"epoch {run.epochs_done + 1}, window {run.partial.window}" if run.partial else f"the end of epoch {run.epochs_done}"
     log.info("resumed from %s at %s (step %d)", path, where, run.step)
-
-
-def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    if resume is None or resume == "":
-        return None
-    if resume == "auto":
-        path = out_dir / CHECKPOINT_NAME
-        return path if path.exists() else None
-    path = Path(resume)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
 def _changed_keys(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:

@@ -12,9 +12,7 @@ time, is Python and dispatch overhead. Writes ``results/profile/README.md`` and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 

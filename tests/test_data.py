@@ -9,7 +9,6 @@ import torch
 from lm.data import (
     EOS,
     DataError,
-    Vocab,
     batchify,
     bptt_windows,
     ensure_ptb,

@@ -13,7 +13,7 @@ import lm.train as train_module
 from lm.checkpoint import load_checkpoint
 from lm.config import compose
 from lm.config import ConfigError
-from lm.data import batchify, bptt_windows
+from lm.data import bptt_windows
 from lm.model import LSTMLanguageModel
 from lm.checkpoint import RunFolderError
 from lm.train import learning_rate, preflight, train, train_epoch
