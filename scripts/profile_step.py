@@ -30,10 +30,10 @@ from lm.train import train_epoch  # noqa: E402
 
 VOCAB = 10_000
 CATEGORIES = ("products", "oneDNN LSTM layer (products and gates)", "gate arithmetic", "loss (softmax)", "dropout",
-              "casts", "clipping", "optimizer (SGD)", "embedding", "allocation and zeroing", "other ops",
+              "casts and weight layouts", "clipping", "optimizer (SGD)", "embedding", "allocation and zeroing", "other ops",
               "Python and dispatch")
-PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-CASTS = {"aten::copy_", "aten::_to_copy", "aten::to"}
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
+CASTS = {"aten::copy_", "aten::_to_copy", "aten::to", "mkldnn::_reorder_linear_weight"}
 ALLOCATION = {"aten::empty", "aten::empty_like", "aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_",
               "aten::empty_strided", "aten::resize_"}
 CLIPPING = {"aten::_foreach_norm", "aten::linalg_vector_norm", "aten::stack", "aten::isfinite"}
@@ -64,6 +64,8 @@ def categorize(event) -> str:
         return "products"
     if name.startswith("aten::mkldnn_rnn_layer"):
         return "oneDNN LSTM layer (products and gates)"
+    if name in CASTS:
+        return "casts and weight layouts"
     node = event
     while node is not None:
         for marker, category in REGIONS:
@@ -75,7 +77,7 @@ def categorize(event) -> str:
     if name in CLIPPING:
         return "clipping"
     if name in CASTS:
-        return "casts"
+        return "casts and weight layouts"
     if name in ALLOCATION:
         return "allocation and zeroing"
     return "other ops"

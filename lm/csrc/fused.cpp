@@ -225,10 +225,17 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
   };
 
   scalar_t* h_in_p = data<scalar_t>(h_in);
+  // the product's input of the step at hand, also written contiguously (h_in[:, t] is strided,
+  // and a product on a strided input would copy it first: 70 small copies a window)
+  at::Tensor step_in = at::empty({B, H}, x_proj.options());
+  scalar_t* step_in_p = data<scalar_t>(step_in);
   {  // h_in[:, 0] = h0 * mask_0
     const float* h0p = h0.data_ptr<float>();
     const float* m = mask_at(0);
-    for (int64_t b = 0; b < B; ++b) masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
+    for (int64_t b = 0; b < B; ++b) {
+      masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
+      std::memcpy(step_in_p + b * H, h_in_p + b * T * H, H * sizeof(scalar_t));
+    }
   }
   const scalar_t* xp = data<scalar_t>(x_proj);
   float* actp = acts.data_ptr<float>();
@@ -237,7 +244,7 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
   float* outp = out.data_ptr<float>();
 
   for (int64_t t = 0; t < T; ++t) {
-    const at::Tensor rec = product(h_in.select(1, t));  // [B, 4H]
+    const at::Tensor rec = product(step_in);  // [B, 4H]
     const scalar_t* recp = data<scalar_t>(rec);
     const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
@@ -245,7 +252,11 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
         float* h_row = outp + (b * T + t) * H;
         forward_row<scalar_t>(H, xp + (b * T + t) * H4, recp + b * H4, actp + (t * B + b) * H4, cellp + (t * B + b) * H,
                               cellp + ((t + 1) * B + b) * H, tcp + (t * B + b) * H, h_row);
-        if (t + 1 < T) masked_copy<scalar_t>(H, h_row, m_next ? m_next + b * H : nullptr, h_in_p + (b * T + t + 1) * H);
+        if (t + 1 < T) {
+          scalar_t* next = h_in_p + (b * T + t + 1) * H;
+          masked_copy<scalar_t>(H, h_row, m_next ? m_next + b * H : nullptr, next);
+          std::memcpy(step_in_p + b * H, next, H * sizeof(scalar_t));
+        }
       }
     });
   }
@@ -262,6 +273,8 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
   at::Tensor d_gates = at::empty({B, T, H4}, h_in.options());  // grad of x_proj, in the product dtype
   at::Tensor dh_rec;                                           // d h_{t-1} from the recurrent product
   const StepProduct product(w_hh.t(), B);                      // dg @ w_hh
+  at::Tensor step_dg = at::empty({B, H4}, h_in.options());     // d_gates[:, t], contiguous for the product
+  scalar_t* step_dg_p = data<scalar_t>(step_dg);
   at::Tensor dh = d_h_last.to(at::kFloat).contiguous().clone();
   at::Tensor dc = d_c_last.to(at::kFloat).contiguous().clone();
   const bool has_mask = h_mask.has_value() && h_mask->defined();
@@ -288,9 +301,10 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
                             d_outp ? d_outp + (b * T + t) * H : nullptr, dh_b);
         backward_row<scalar_t>(H, dh_b, dcp + b * H, actp + (t * B + b) * H4, cellp + (t * B + b) * H, tcp + (t * B + b) * H,
                                dgp + (b * T + t) * H4);
+        std::memcpy(step_dg_p + b * H4, dgp + (b * T + t) * H4, H4 * sizeof(scalar_t));
       }
     });
-    dh_rec = product(d_gates.select(1, t));
+    dh_rec = product(step_dg);
     dhrp = data<scalar_t>(dh_rec);
   }
   // d h0 = (d h_0 through the first product) * mask_0
