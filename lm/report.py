@@ -302,12 +302,23 @@ def update_readme_block(readme: Path, block: str) -> bool:
 
 
 def local_report(root: Path, local: Path) -> str:
-    """The table with the committed runs under ``root`` and the user's own under ``local``; writes only plots."""
-    local_runs = find_runs(local, skip_foreign=True)
+    """The committed runs under ``root`` as ``results/README.md`` has them, then the user's own under
+    ``local`` in tables of their own: a local run never enters a committed mean (a newcomer's
+    ``make train-small`` is seed 1 again). Writes only the local runs' plots."""
+    local_runs = [Run(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
     for r in local_runs:
-        plot_curve(r, local / r.path / CURVE_NAME)
-    runs = find_runs(root) + [Run(Path(local.name) / r.path, r.metrics) for r in local_runs]
-    return render(runs, find_runs(root, "ensemble.json"))
+        plot_curve(r, local / r.path.relative_to(local.name) / CURVE_NAME)
+    text = render(find_runs(root), find_runs(root, "ensemble.json"))
+    if not local_runs:
+        return text
+    parts = [text, f"# Your runs ({local}/), apart from the committed ones", "",
+             "The same comparison for your runs alone (each group's mean is over your runs only).", "",
+             comparison_table(local_runs), ""]
+    apart = other_recipes_table(local_runs)
+    if apart:
+        parts += [apart, ""]
+    parts += [runs_table(local_runs), ""]
+    return "\n".join(parts)
 
 
 def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:

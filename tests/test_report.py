@@ -58,7 +58,9 @@ def test_readme_block_is_regenerated_between_markers(tmp_path: Path):
     assert not update_readme_block(plain, "x") and plain.read_text() == "no markers\n"
 
 
-def test_local_runs_are_shown_beside_committed_ones_without_touching_results(tmp_path: Path):
+def test_local_runs_are_shown_apart_from_committed_ones_without_touching_results(tmp_path: Path):
+    """A newcomer's run (make train-small is seed 1 again) never enters the committed mean: it has
+    a table of its own below the committed one."""
     from lm.report import local_report
 
     corpus = write_corpus(tmp_path / "corpus")
@@ -70,7 +72,10 @@ def test_local_runs_are_shown_beside_committed_ones_without_touching_results(tmp
     train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small", "trainer.seed=7")), runs / "zaremba_small" / "seed-7")
     as_trained_with(runs / "zaremba_small" / "seed-7", "experiment=zaremba_small", "trainer.seed=7")
     text = local_report(results, runs)
-    assert "| zaremba_small | 2 |" in text and "`runs/zaremba_small/seed-7`" in text
+    committed_part, _, yours = text.partition("# Your runs")
+    assert "| zaremba_small | 1 |" in committed_part and "seed-7" not in committed_part
+    assert "| zaremba_small | 1 |" in yours and "`runs/zaremba_small/seed-7`" in yours
+    assert "| zaremba_small | 2 |" not in text
     assert (results / "README.md").read_bytes() == committed
     assert (runs / "zaremba_small" / "seed-7" / "curve.png").exists()
 
