@@ -57,6 +57,8 @@ def evaluate_mixture(
     ``stochastic`` (dropout left on) and one model listed K times, Monte Carlo
     dropout. With one deterministic member this is plain evaluation.
     """
+    if stochastic and len(models) > 1 and all(m is models[0] for m in models):
+        return evaluate_mc_batched(models[0], data, window, len(models))
     modes = [m.training for m in models]
     for m in models:
         m.train(stochastic)
@@ -81,6 +83,29 @@ def evaluate_mixture(
         count += y.numel()
     for m, mode in zip(models, modes):
         m.train(mode)
+    return float(nll), count
+
+
+@torch.no_grad()
+def evaluate_mc_batched(model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int) -> tuple[float, int]:
+    """Monte Carlo dropout in one pass: the streams repeated ``samples`` times along the batch
+    (row k * streams + r is sample k of stream r), dropout on, so each row draws its own masks; per
+    token the samples' probabilities are averaged. The same mixture as ``samples`` passes one after
+    another (tested with the same masks), at batch ``samples`` instead of 1 under the paper's protocol."""
+    mode = model.training
+    model.train(True)
+    streams = data.size(0)
+    tiled = data.to(next(model.parameters()).device).repeat(samples, 1)
+    state = model.init_state(tiled.size(0))
+    nll = torch.zeros((), dtype=torch.float64, device=tiled.device)
+    count = 0
+    for x, y in bptt_windows(tiled, window):
+        logits, state = model(x, state)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # [samples * streams, T]
+        per_sample = logp.double().view(samples, streams, -1)
+        nll -= (torch.logsumexp(per_sample, dim=0) - math.log(samples)).sum()
+        count += y[:streams].numel()
+    model.train(mode)
     return float(nll), count
 
 

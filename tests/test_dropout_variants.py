@@ -242,3 +242,49 @@ def test_hash_dropout_mask_has_no_visible_structure():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, a)  # any thread count draws the same mask
+
+
+def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_masks(monkeypatch):
+    """K stochastic passes one after another and one pass over the streams repeated K times along
+    the batch average the same probabilities when each sample row meets the masks its pass met."""
+    import lm.model
+    from lm.dropout import FreshDropout
+    from lm.evaluate import evaluate_mc_batched, evaluate_mixture
+
+    torch.manual_seed(0)
+    samples, streams, window, places = 3, 2, 4, 3
+    model = lm.model.LSTMLanguageModel(20, 8, 2, 0.5, 0.1)
+    data = torch.randint(0, 20, (streams, 13))
+    windows = -(-(data.size(1) - 1) // window)
+    masks = {}  # (window, sample, place) -> [streams, <=window, 8]
+
+    def mask(w, k, p, steps):
+        key = (w, k, p)
+        if key not in masks:
+            masks[key] = (torch.rand(streams, window, 8) > 0.5).float() * 2
+        return masks[key][:, :steps]
+
+    calls = {"n": 0}
+
+    def sequential(self, x):
+        n = calls["n"]
+        calls["n"] += 1
+        w, k, p = n // (samples * places), (n // places) % samples, n % places
+        return x * mask(w, k, p, x.size(1))
+
+    def batched(self, x):
+        n = calls["n"]
+        calls["n"] += 1
+        w, p = n // places, n % places
+        return x * torch.cat([mask(w, k, p, x.size(1)) for k in range(samples)])
+
+    monkeypatch.setattr(FreshDropout, "forward", sequential)  # masks whatever the mode
+    one_by_one = evaluate_mixture([model] * samples, data, window, stochastic=False)  # the passes one after another
+    assert calls["n"] == windows * samples * places
+    monkeypatch.undo()
+    calls["n"] = 0
+    monkeypatch.setattr(FreshDropout, "forward", batched)
+    together = evaluate_mc_batched(model, data, window, samples)
+    assert calls["n"] == windows * places
+    assert together[1] == one_by_one[1] == streams * (data.size(1) - 1)
+    assert abs(together[0] - one_by_one[0]) < 1e-6 * abs(one_by_one[0])
