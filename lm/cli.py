@@ -156,33 +156,31 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``; ``rule`` says so in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "0 or a positive integer")
 
 
-def check_output_folder(folder: Path, option: str) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written."""
+def check_output_folder(folder: Path, option: str, error: type[Exception] = UsageError) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (``error``
+    names the kind: a command-line option, or a config key)."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         problem = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise UsageError(f"{option}: cannot write {folder} ({existing} {problem}): choose another folder")
+        raise error(f"{option}: cannot write {folder} ({existing} {problem}): choose another folder")

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import signal
@@ -40,7 +39,7 @@ from lm.checkpoint import (
     set_rng_state,
     vocab_digest,
 )
-from lm.cli import run_hydra
+from lm.cli import check_output_folder, run_hydra
 from lm.config import (
     ConfigError, DataConfig, OptimConfig, TrainConfig, TrainerConfig, check_group_choices, ignored_overrides, resume_values,
     validate, validate_saved,
@@ -766,16 +765,6 @@ def write_metrics(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> 
 # ---------------------------------------------------------------- entry point
 
 
-def check_writable(folder: Path, key: str) -> None:
-    """Refuse an output folder that cannot be created or written, before anything runs."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise ConfigError(f"{key}: cannot write {folder} ({existing} {problem}): choose another folder")
-
-
 def preflight(cfg: DictConfig) -> None:
     """Checks that must pass before anything is written: config values, an existing finished run."""
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -783,7 +772,7 @@ def preflight(cfg: DictConfig) -> None:
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
     select_device(c.trainer.device)  # cuda without a GPU
     run_dir = Path(cfg.hydra.run.dir)
-    check_writable(run_dir, "hydra.run.dir")
+    check_output_folder(run_dir, "hydra.run.dir", ConfigError)
     RunFolderLock.check_free(run_dir)  # a run in progress there: say so, whatever the folder holds yet
     resume_from = claim_run_folder(run_dir, c.trainer)
     if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
