@@ -139,17 +139,40 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """The generators a run on ``device`` draws from: torch's CPU generator and, for a GPU, that
+    GPU's (no other device is touched). Every process of a data-parallel run holds the same state
+    (``lm.dropout.BatchShare``), so rank 0's resumes any number of processes."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device = torch.device("cpu")) -> None:
+    """Restore ``rng_state``'s generators for a run on ``device`` (a GPU state only onto a GPU).
+
+    Older checkpoints hold a list with one state per GPU then visible; the run drew from the
+    first (rank 0's device, every rank's draws being the same), so that one is used, whatever
+    number of GPUs this machine has."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if device.type != "cuda" or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return
+        saved = saved[0]
+    torch.cuda.set_rng_state(saved, device)
+
+
+def rng_digest(state: dict[str, Any]) -> int:
+    """A 63-bit digest of ``rng_state``'s generators: equal digests, equal states."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big") >> 1
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], before_commit: Callable[[], None] | None = None) -> None:

@@ -79,6 +79,7 @@ class TrainerConfig:
     overwrite: bool = MISSING
     nonfinite: str = MISSING
     precision: str = MISSING
+    tf32: bool = MISSING
     allow_changes: List[str] = MISSING
 
 
@@ -213,7 +214,7 @@ RECIPE_KEYS = {
 # The keys a resumed run must keep (the recipe but trainer.epochs, which may grow, and the seed and
 # precision): changing one mid-run is refused unless trainer.allow_changes names it.
 RESUME_KEYS = tuple(f"{g}.{k}" for g, keys in RECIPE_KEYS.items() for k in keys if (g, k) != ("trainer", "epochs")) + (
-    "trainer.seed", "trainer.precision")
+    "trainer.seed", "trainer.precision", "trainer.tf32")
 
 
 def resume_values(cfg: TrainConfig) -> dict[str, Any]:

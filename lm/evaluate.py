@@ -25,7 +25,7 @@ from lm.cli import run_hydra
 from lm.config import ConfigError, validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
-from lm.runtime import build_model_from_checkpoint, load_user_data, select_device
+from lm.runtime import build_model_from_checkpoint, fp32_products, load_user_data, select_device
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     eval_window = ecfg.eval_window or train_cfg.trainer.eval_window
     for split in ("valid", "test"):  # before the work: a split too short for the batch size
         batchify(corpus.split(split), batch_size)
-    results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
-    print(format_results(results))
-    mc_results = None
-    if ecfg.eval.mc_samples:
-        torch.manual_seed(ecfg.eval.mc_seed)
-        mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
-        print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
+    with fp32_products(train_cfg.trainer.tf32):  # on a GPU, the products the run was trained and validated with
+        results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
+        print(format_results(results))
+        mc_results = None
+        if ecfg.eval.mc_samples:
+            torch.manual_seed(ecfg.eval.mc_seed)
+            mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
+            print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ckpt_path),
         "epoch": ckpt["epoch"],

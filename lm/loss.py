@@ -47,3 +47,17 @@ def summed_nll(decoder: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) 
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
     with torch.autocast(device, enabled=False):
         return FusedLinearNLL.apply(flat.to(dtype), decoder.weight.to(dtype), decoder.bias, y)
+
+
+class WindowLoss(nn.Module):
+    """The training objective of one window: the model's features, then the decoder and the
+    summed NLL of the targets. A module of its own so that ``DistributedDataParallel`` can
+    wrap exactly what a training step runs (the model's ``forward`` returns logits instead)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        hidden, state = self.model.features(x, state)
+        return summed_nll(self.model.decoder, hidden, y), state

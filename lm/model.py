@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
-from lm.dropout import VARIANTS, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
+from lm.dropout import VARIANTS, WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
 from lm.recurrence import lstm_window
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
@@ -67,6 +67,7 @@ class LSTMLanguageModel(nn.Module):
         self.decoder = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
             self.decoder.weight = self.embedding.weight
+        self.batch_share = WHOLE_BATCH
         self.weight_drop = weight_drop
         if weight_drop > 0:
             for layer in self.layers:
@@ -87,6 +88,14 @@ class LSTMLanguageModel(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -self.init_scale, self.init_scale)
 
+    def share_batch(self, share: BatchShare) -> None:
+        """Train on ``share``'s rows of a global batch (data parallelism): every dropout mask is
+        drawn for the global batch and cut to these rows (``lm.dropout.BatchShare``). The
+        weight-drop mask is one for the whole batch, the same draw in every process."""
+        self.batch_share = share
+        for drop in self.drops:
+            drop.share = share
+
     def init_state(self, batch_size: int) -> State:
         p = self.decoder.bias
         zeros = lambda: torch.zeros(1, batch_size, self.hidden_size, device=p.device, dtype=p.dtype)  # noqa: E731
@@ -100,12 +109,15 @@ class LSTMLanguageModel(nn.Module):
     def _locked(self, h: torch.Tensor, p: float) -> torch.Tensor:
         if not self.training or p == 0:
             return h
-        return h * locked_mask(h.size(0), h.size(2), p, h)
+        return h * locked_mask(h.size(0), h.size(2), p, h, self.batch_share)
 
     def _recurrent_mask(self, h: torch.Tensor) -> torch.Tensor:
         """[batch, H] for variational (the same at every step), [time, batch, H] for recurrent (fresh per step)."""
-        shape = (h.size(0), self.hidden_size) if self.variant == "variational" else (h.size(1), h.size(0), self.hidden_size)
-        return inverted_mask(shape, self.dropout_recurrent, torch.float32, h.device)
+        if self.variant == "variational":
+            shape, batch_dim = (h.size(0), self.hidden_size), 0
+        else:
+            shape, batch_dim = (h.size(1), h.size(0), self.hidden_size), 1
+        return inverted_mask(shape, self.dropout_recurrent, torch.float32, h.device, self.batch_share, batch_dim)
 
     def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """The fused LSTM (oneDNN / cuDNN), which nothing can reach inside, unless training needs
@@ -131,7 +143,7 @@ class LSTMLanguageModel(nn.Module):
         variational = self.variant == "variational"
         if variational:
             if self.training and self.dropout_embedding > 0:
-                h = h * word_mask(x, self.vocab_size, self.dropout_embedding, h.dtype)
+                h = h * word_mask(x, self.vocab_size, self.dropout_embedding, h.dtype, self.batch_share)
             h = self._locked(h, self.dropout_input)
         else:
             h = self.drops[0](h)

@@ -5,6 +5,7 @@ lm.generate, so it lives below all of them and imports none of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -27,6 +28,34 @@ def select_device(name: str, key: str = "trainer.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key} is cuda but no GPU is visible: use {key}=cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def fp32_products(tf32: bool):
+    """What fp32 means on a GPU while this context is open: IEEE fp32 products everywhere, or
+    TF32 in every product (cuBLAS and cuDNN, its LSTM included) with ``tf32``. PyTorch's own
+    defaults differ per library (cuDNN's LSTM in TF32, cuBLAS in IEEE), so a model would train
+    and evaluate in a mix. Process-wide flags of torch: restored on exit. No effect on a CPU."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def precision_record(device: torch.device, precision: str, tf32: bool) -> dict[str, str | bool]:
+    """How a run's numbers were computed, for metrics.json (``fp32_products`` is the GPU side)."""
+    on_gpu = device.type == "cuda"
+    fp32 = "tf32" if on_gpu and tf32 else "ieee fp32"
+    return {
+        "trainer.precision": precision,
+        "tf32": tf32 and on_gpu,
+        "products": "bf16 (autocast), fp32 accumulation" if precision == "bf16" else fp32,
+        "elementwise_and_state": "fp32 (gates, cell, carried state, softmax, loss, weights)",
+        "evaluation_products": fp32,
+    }
 
 
 def load_data(data: DataConfig) -> Corpus:

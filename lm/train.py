@@ -34,6 +34,7 @@ from lm.checkpoint import (
     RunFolderLock,
     atomic_write_json,
     load_checkpoint,
+    rng_digest,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -48,15 +49,18 @@ from lm.data import Corpus, DataError, batchify, bptt_windows
 from lm.distributed import Group, init_group, launch_rank
 from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
-from lm.loss import summed_nll
+from lm.loss import WindowLoss
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
-from lm.runtime import check_vocab, git_commit, load_data, select_device
+from lm.runtime import check_vocab, fp32_products, git_commit, load_data, precision_record, select_device
 
 log = logging.getLogger("lm.train")
 
 METRICS_NAME = "metrics.json"
 # What a run writes into its folder: removed first by trainer.overwrite=true (tb/ is a folder).
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "eval.json")
+# Steps between the checks for a stop signal under torchrun: each is an all-reduce with a host
+# sync, so a signal takes effect within this many steps (a single process checks every step).
+STOP_CHECK_EVERY = 20
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -84,7 +88,7 @@ class StepRecipe:
     weight_decay: float = 0.0  # fraction of every weight removed after each step, independent of the lr
     autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
     skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
-    reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None  # data parallel: between backward and clip
+    objective: torch.nn.Module | None = None  # the model's WindowLoss, wrapped in DistributedDataParallel under torchrun
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class EpochLoop:
     """Where one call of ``train_epoch`` stops, and whom it tells how it goes."""
 
     max_steps: int | None = None  # steps of this call
-    should_stop: Callable[[], bool] = lambda: False  # asked before every step
+    should_stop: Callable[[], bool] = lambda: False  # asked before every ``stop_every``-th step
+    stop_every: int = 1  # steps between stop checks (each is a collective, with a host sync, under torchrun)
     epoch: int = 1  # 1-based, for messages
     step_offset: int = 0  # optimizer steps before this call: steps are numbered globally
     log_every: int = 100  # steps between host syncs: the non-finite check and ``on_log``
@@ -100,7 +105,9 @@ class EpochLoop:
     bar: Any = None  # a progress bar, advanced by the tokens of each step
 
     def keeps_going(self, steps_here: int) -> bool:
-        return not self.should_stop() and (self.max_steps is None or steps_here < self.max_steps)
+        if self.max_steps is not None and steps_here >= self.max_steps:
+            return False
+        return steps_here % self.stop_every != 0 or not self.should_stop()
 
 
 @dataclass
@@ -136,16 +143,15 @@ class StepResult(NamedTuple):
     applied: bool  # False for a skipped non-finite step
 
 
-def train_step(model: LSTMLanguageModel, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe) -> StepResult:
-    """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update."""
+    """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update.
+    ``objective`` is the model's ``WindowLoss`` (under torchrun wrapped in DistributedDataParallel,
+    whose backward averages the gradients across processes)."""
     state = detach_state(state)
     with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
-        hidden, state = model.features(x, state)
-        loss_sum = summed_nll(model.decoder, hidden, y)  # the decoder and the loss, fused on CPU
+        loss_sum, state = objective(x, y, state)  # the decoder and the loss fused on CPU
     (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
-    if recipe.reduce_gradients is not None:
-        recipe.reduce_gradients(params)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
     applied = not (recipe.skip_nonfinite and not bool(finite))
@@ -209,6 +215,7 @@ def train_epoch(
     model.train()
     device = next(model.parameters()).device
     params = list(model.parameters())
+    objective = recipe.objective if recipe.objective is not None else WindowLoss(model)
     state = progress.state if progress.state is not None else model.init_state(windows[0][0].size(0))
     nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
     norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
@@ -220,7 +227,7 @@ def train_epoch(
         progress.steps += 1
         steps_here += 1
         step = loop.step_offset + steps_here
-        result = train_step(model, params, optimizer, x, y, state, recipe)
+        result = train_step(objective, params, optimizer, x, y, state, recipe)
         state = result.state
         if not result.applied:
             progress.skipped += 1
@@ -299,12 +306,12 @@ class Run:
     def max_steps_reached(self) -> bool:
         return self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
 
-    def checkpoint_payload(self, partial: EpochProgress | None) -> dict[str, Any]:
+    def checkpoint_payload(self, partial: EpochProgress | None, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything a resume needs; ``partial`` is a mid-epoch position with every rank's streams."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(),
+            "rng": rng if rng is not None else rng_state(self.device),
             "config": self.config_dict,
             "vocab": self.corpus.vocab.itos,
             "vocab_sha256": vocab_digest(self.corpus.vocab.itos),
@@ -321,15 +328,19 @@ class Run:
     def save(self, partial: EpochProgress | None = None) -> None:
         """Write the checkpoint (rank 0), atomically; collective when ``partial`` is given."""
         partial = _global_progress(partial, self.group) if partial else None
+        rng = rng_state(self.device)
+        if not self.group.agree(rng_digest(rng)):  # one state saved for all: they must be one (lm.dropout.BatchShare)
+            raise RuntimeError("the processes' random generators have drifted apart (a draw made by some ranks only): "
+                               "their dropout masks are no longer one global draw; this is a bug, please report it")
         if self.group.is_main:
-            save_checkpoint(self.checkpoint_path, self.checkpoint_payload(partial),
+            save_checkpoint(self.checkpoint_path, self.checkpoint_payload(partial, rng),
                             before_commit=lambda: fault_point("checkpoint", self.epochs_done))
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Take up the state a checkpoint saved (the inverse of ``checkpoint_payload``)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
         self.history, self.epochs_done, self.step = ckpt["history"], ckpt["epoch"], ckpt["step"]
         self.best_valid = ckpt["best_valid_ppl"]
         if ckpt.get("partial_epoch"):
@@ -372,7 +383,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
     """
     out_dir = Path(out_dir)
     lock = RunFolderLock(out_dir) if launch_rank() == 0 else contextlib.nullcontext()  # one lock per run, not per rank
-    with lock, StopRequest() as stop:  # the folder is this run's, and signals are ours, until it ends
+    with lock, StopRequest() as stop, fp32_products(cfg.trainer.tf32):  # the folder and signals are this run's until it ends
         resume_from = claim_run_folder(out_dir, cfg.trainer)
         run = prepare_run(cfg, out_dir, list(overrides or []))
         try:
@@ -473,12 +484,13 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     windows, valid_data = _training_data(corpus, cfg.data, group, device)
     torch.manual_seed(cfg.trainer.seed)
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
+    model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
     recipe = StepRecipe(
         max_grad_norm=cfg.optim.max_grad_norm, weight_decay=cfg.optim.weight_decay,
         autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
         skip_nonfinite=cfg.trainer.nonfinite == "skip",
-        reduce_gradients=group.average_gradients if group.active else None,
+        objective=group.wrap(WindowLoss(model), device),
     )
     if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
         _clear_run_folder(out_dir)
@@ -490,8 +502,8 @@ def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
-    if cfg.trainer.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use trainer.precision=fp32")
+    if cfg.trainer.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError("trainer.precision=bf16: this GPU has no native bf16 (it would be emulated, slowly); use trainer.precision=fp32")
     group = init_group(device.type == "cuda")
     if group.active:
         if cfg.data.batch_size % group.world_size:
@@ -639,8 +651,8 @@ def _train_one_epoch(run: Run, epoch: int, should_stop: Callable[[], bool], writ
         with tqdm(total=min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt, unit="w", unit_scale=True,
                   desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", disable=not (cfg.trainer.progress and run.group.is_main),
                   leave=False, dynamic_ncols=True) as bar:
-            loop = EpochLoop(max_steps=remaining, should_stop=should_stop, epoch=epoch + 1, step_offset=run.step,
-                             log_every=cfg.trainer.log_every, on_log=on_log, bar=bar)
+            loop = EpochLoop(max_steps=remaining, should_stop=should_stop, stop_every=STOP_CHECK_EVERY if run.group.active else 1,
+                             epoch=epoch + 1, step_offset=run.step, log_every=cfg.trainer.log_every, on_log=on_log, bar=bar)
             progress = train_epoch(run.model, run.windows, run.optimizer, run.recipe, progress, loop)
     except NonFiniteError as err:
         kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
@@ -746,6 +758,7 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "device": str(run.device),
+        "precision": precision_record(run.device, run.cfg.trainer.precision, run.cfg.trainer.tf32),
         "threads": torch.get_num_threads(),
         "processes": run.group.world_size,
         "platform": platform.platform(),

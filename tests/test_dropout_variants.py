@@ -77,8 +77,8 @@ def _recorded_locked_masks(monkeypatch):
     masks = []
     original = lm.model.locked_mask
 
-    def record(batch, features, p, like):
-        m = original(batch, features, p, like)
+    def record(batch, features, p, like, share):
+        m = original(batch, features, p, like, share)
         masks.append((p, m))
         return m
 
@@ -227,8 +227,8 @@ def test_hash_dropout_mask_has_no_visible_structure():
     if kernels.fused() is None:
         pytest.skip("no compiler here")
     ones = torch.ones(200, 1000)
-    a = kernels.fused().dropout_forward(ones, 0.5, 1) / 2
-    b = kernels.fused().dropout_forward(ones, 0.5, 2) / 2
+    a = kernels.fused().dropout_forward(ones, 0.5, 1, 0) / 2
+    b = kernels.fused().dropout_forward(ones, 0.5, 2, 0) / 2
     centred = lambda m: m.flatten() - m.mean()  # noqa: E731
     corr = lambda u, v: float((u * v).mean() / (u.std() * v.std()))  # noqa: E731
     assert abs(corr(centred(a), centred(b))) < 0.01  # two seeds
@@ -238,7 +238,7 @@ def test_hash_dropout_mask_has_no_visible_structure():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one_thread = kernels.fused().dropout_forward(ones, 0.5, 1) / 2
+        one_thread = kernels.fused().dropout_forward(ones, 0.5, 1, 0) / 2
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, a)  # any thread count draws the same mask
@@ -288,3 +288,37 @@ def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_ma
     assert calls["n"] == windows * places
     assert together[1] == one_by_one[1] == streams * (data.size(1) - 1)
     assert abs(together[0] - one_by_one[0]) < 1e-6 * abs(one_by_one[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", VARIANT_MODELS)
+def test_row_shares_of_every_mask_make_the_whole_batch_masks(name, precision, dropout_backend):
+    """Data parallelism: processes holding rows 0-2 and 3-5 of a batch of 6, each drawing from the same
+    seed, compute exactly the rows that one process computes for the whole batch (every variant)."""
+    from lm.dropout import WHOLE_BATCH, BatchShare
+
+    model = build(name).train()
+    ids = torch.randint(0, V, (6, 4), generator=torch.Generator().manual_seed(3))
+
+    def features(rows: slice, share: BatchShare) -> torch.Tensor:
+        model.share_batch(share)
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return model.features(ids[rows], model.init_state(rows.stop - rows.start))[0].float()
+
+    whole = features(slice(0, 6), WHOLE_BATCH)
+    halves = torch.cat([features(slice(0, 3), BatchShare(0, 6)), features(slice(3, 6), BatchShare(3, 6))])
+    assert torch.allclose(halves, whole, atol=1e-6)
+    lone = features(slice(3, 6), WHOLE_BATCH)  # rows 3-5 as a batch of their own draw other masks
+    assert name == "none" or not torch.allclose(lone, whole[3:], atol=1e-6)
+
+
+def test_hash_dropout_offset_continues_the_global_index():
+    from lm import kernels
+
+    if kernels.fused() is None:
+        pytest.skip("no compiler here")
+    ones = torch.ones(6, 7, 5)
+    whole = kernels.fused().dropout_forward(ones, 0.5, 9, 0)
+    assert torch.equal(kernels.fused().dropout_forward(ones[4:].contiguous(), 0.5, 9, 4 * 35), whole[4:])
+    assert not torch.equal(kernels.fused().dropout_forward(ones[4:].contiguous(), 0.5, 9, 0), whole[4:])

@@ -415,16 +415,17 @@ inline uint32_t mix32(uint32_t x) {
 }
 
 void dropout_range(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end, uint32_t threshold,
-                   float scale, uint32_t seed_lo, uint32_t seed_hi) {
+                   float scale, uint32_t seed_lo, uint32_t seed_hi, uint32_t offset) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) * 0x9E3779B9U ^ seed_lo) + seed_hi);
+    const uint32_t h = mix32(mix32((static_cast<uint32_t>(i) + offset) * 0x9E3779B9U ^ seed_lo) + seed_hi);
     out[i] = (h >> 8) < threshold ? x[i] * scale : 0.0f;  // 24 uniform bits against keep * 2^24
   }
 }
 
-// x * mask / keep, mask[i] = 1 with probability keep, a function of (seed, i) only.
-at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed) {
+// x * mask / keep, mask[i] = 1 with probability keep, a function of (seed, offset + i) only: a process
+// holding rows of a larger batch passes its first element's global index as offset (data parallelism).
+at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed, int64_t offset) {
   check(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous fp32 CPU input");
   check(keep > 0.0 && keep <= 1.0, "keep probability in (0, 1]");
   check(x.numel() < (int64_t(1) << 32), "at most 2^32 elements");
@@ -435,7 +436,8 @@ at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t b, int64_t e) {
-    dropout_range(xp, op, b, e, threshold, scale, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+    dropout_range(xp, op, b, e, threshold, scale, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
+                  static_cast<uint32_t>(offset));
   });
   return out;
 }
@@ -445,6 +447,6 @@ at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "LSTM layer over a window, forward");
   m.def("lstm_backward", &lstm_backward, "LSTM layer over a window, backward");
-  m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, index)");
+  m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, offset + index)");
   m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
 }
