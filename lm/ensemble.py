@@ -20,7 +20,7 @@ from lm.cli import ArgumentParser, check_output_folder, guarded, non_negative_in
 from lm.config import TrainConfig, validate_saved
 from lm.data import batchify
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
-from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, load_user_data
+from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, load_user_data, select_device
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -53,11 +53,13 @@ def load_members(checkpoints: list[Path]) -> tuple[list[dict[str, Any]], list[Tr
 
 
 def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None = None, with_members: bool = True,
-                 data_dir: str | None = None) -> dict[str, Any]:
-    """Evaluate the average of ``checkpoints`` (and each alone); ``eval_window`` defaults to the
-    first checkpoint's ``trainer.eval_window``. The corpus comes from ``data_dir`` (for PTB by
-    default ``$LM_DATA_DIR`` or data/ptb), never from the checkpoints' saved config."""
+                 data_dir: str | None = None, device: str | torch.device = "auto") -> dict[str, Any]:
+    """Evaluate the average of ``checkpoints`` (and each alone) on ``device`` (auto: a GPU if one is
+    visible); ``eval_window`` defaults to the first checkpoint's ``trainer.eval_window``. The corpus
+    comes from ``data_dir`` (for PTB by default ``$LM_DATA_DIR`` or data/ptb), never from the
+    checkpoints' saved config."""
     check_output_folder(out_dir, "--out")
+    device = select_device(str(device), "--device")
     ckpts, cfgs = load_members(checkpoints)
     first = cfgs[0]
     corpus = load_user_data(data_dir, first, key="--data-dir")
@@ -67,6 +69,8 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from None
     models = [build_model_from_checkpoint(c, corpus.vocab) for c in ckpts]
+    for model in models:  # all built on the host first: from the first move on, the work is on the device
+        model.to(device)
     batch_size, bptt = first.data.batch_size, first.data.bptt
     for split in ("valid", "test"):  # before the work: a split too short for the batch size
         batchify(corpus.split(split), batch_size)
@@ -99,6 +103,7 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
         "members": members,
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
+        "device": str(device),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / ENSEMBLE_NAME, report)
@@ -115,10 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", help="the corpus folder (default for PTB: $LM_DATA_DIR, else data/ptb)")
     parser.add_argument("--no-members", action="store_true", help="skip evaluating each member alone")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run (auto: a GPU if visible)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    guarded(lambda: run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members, args.data_dir))
+    guarded(lambda: run_ensemble(expand(args.checkpoints), Path(args.out), args.eval_window, not args.no_members, args.data_dir,
+                                 args.device))
 
 
 if __name__ == "__main__":

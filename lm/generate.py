@@ -8,6 +8,7 @@ warning), then ``words`` words are sampled one at a time from the softmax at
 
 from __future__ import annotations
 
+import random
 import sys
 from typing import Any
 
@@ -39,10 +40,13 @@ def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {
 def sample(
     model: LSTMLanguageModel, prompt_ids: list[int], words: int, temperature: float, top_k: int | None, seed: int
 ) -> list[int]:
-    """Ids of ``words`` sampled continuations of ``prompt_ids``."""
+    """Ids of ``words`` sampled continuations of ``prompt_ids``.
+
+    The randomness is one uniform number per word from a host generator seeded by ``seed``
+    (``draw``), not a device generator: the same seed gives the same words on every device."""
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    uniforms = random.Random(seed)
     state = model.init_state(1)
     logits, state = model(torch.tensor([prompt_ids], device=device), state)
     out: list[int] = []
@@ -51,10 +55,18 @@ def sample(
         if top_k is not None and top_k < scores.numel():
             threshold = torch.topk(scores, top_k).values[-1]
             scores = scores.masked_fill(scores < threshold, float("-inf"))
-        next_id = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+        next_id = draw(torch.softmax(scores, dim=-1), uniforms.random())
         out.append(int(next_id))
         logits, state = model(next_id.view(1, 1), state)
     return out
+
+
+def draw(probs: torch.Tensor, u: float) -> torch.Tensor:
+    """The id whose interval of the cumulative distribution holds ``u`` (in [0, 1)) times the
+    total, as a [1] tensor on ``probs``' device: a word of probability p is drawn with probability
+    p, one of probability 0 never (its interval is empty)."""
+    cdf = probs.double().cumsum(0)
+    return torch.searchsorted(cdf[:-1], cdf[-1:] * u, right=True)
 
 
 def render(words: list[str]) -> str:

@@ -534,6 +534,7 @@ ENSEMBLE_CASES = [
                                                     str(t / "e"), "--data-dir", str(w["good"])], "another corpus or vocabulary"),
     ("damaged-member", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["damaged"]["no-config"]), "--out", str(t / "e")],
      "'config' is missing"),
+    ("device-tpu", lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--device", "tpu"], "--device: invalid choice"),
 ]
 
 
@@ -683,6 +684,15 @@ def test_cuda_without_a_gpu_names_the_key(entry, world, tmp_path, monkeypatch, c
     key = "trainer.device" if entry == "train" else "device"
     _assert_one_line(code, err, f"{key} is cuda but no GPU is visible: use {key}=cpu")
     assert snapshot(world["root"]) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_ensemble_on_cuda_without_a_gpu_names_the_option(world, tmp_path, capsys):
+    before = snapshot(world["root"])
+    code, err = run_main(ensemble_module.main, [str(world["run"]), str(world["sweep-job"]), "--out", str(tmp_path / "e"), "--data-dir",
+                                                str(world["good"]), "--device", "cuda"], capsys)
+    _assert_one_line(code, err, "--device is cuda but no GPU is visible: use --device=cpu")
+    assert snapshot(world["root"]) == before and not (tmp_path / "e").exists()
 
 
 def test_ensemble_takes_paths_with_glob_characters_literally(world, tmp_path, capsys):

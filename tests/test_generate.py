@@ -3,12 +3,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lm.checkpoint import load_checkpoint
 from lm.config import compose
 from lm.config import ConfigError
 from lm.data import UNK, Vocab
-from lm.generate import encode_prompt, run_generation
+from lm.generate import draw, encode_prompt, run_generation
 from lm.train import train
 
 from helpers import tiny_overrides, train_config, write_corpus
@@ -41,6 +42,13 @@ def test_words_come_from_the_vocabulary(checkpoint):
     vocab = Vocab(load_checkpoint(checkpoint)["vocab"])
     text = gen(checkpoint, "words=40", "temperature=0.7")
     assert set(text.split()) <= set(vocab.itos)
+
+
+def test_draw_inverts_the_cumulative_distribution():
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    assert [int(draw(probs, u)) for u in (0.0, 0.1, 0.5, 0.69, 0.71, 0.999)] == [0, 0, 2, 2, 3, 3]
+    counts = torch.bincount(torch.cat([draw(probs, (i + 0.5) / 1000) for i in range(1000)]), minlength=4)
+    assert counts.tolist() == [200, 0, 500, 300]  # uniform u: each word as often as its probability, never a 0
 
 
 def test_unknown_prompt_words_map_to_unk_with_a_warning():
