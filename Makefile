@@ -7,6 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+WHEELS ?= wheels
 # The dropout placements of `make ablation` (every file in configs/ablation/, comma-separated)
 # and how many train at once (1 thread each).
 comma         := ,
@@ -20,7 +21,7 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large ablation eval table test bench profile clean
+.PHONY: help setup data train-small train-medium train-large ablation eval table test bench profile wheels gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -69,6 +70,14 @@ bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, w
 
 profile: $(STAMP) ## where a training step's time goes, by category, written to results/profile/
 	$(PY) scripts/profile_step.py $(ARGS) || $(STATUS)
+
+# make wheels runs where pip reaches an index; make gpu-check on the GPU machine, offline, with the Python that has
+# torch ($(PYTHON), not .venv, whose CPU torch it must not see): it installs wheels/ beside that torch itself.
+wheels: $(STAMP) ## wheels of every dependency but torch into $$WHEELS (wheels/), for an offline GPU machine
+	$(PY) scripts/wheels.py --dest "$(WHEELS)" $(ARGS) || $(STATUS)
+
+gpu-check: ## on the GPU machine: install wheels/, CUDA tests, bench, medium+large for 8.5 min; into $$OUT or gpu-check/
+	$(PYTHON) scripts/gpu_check.py --wheels "$(WHEELS)" $(ARGS) || $(STATUS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)
 	rm -rf $(VENV) .pytest_cache *.egg-info

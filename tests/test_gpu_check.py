@@ -1,0 +1,70 @@
+"""make gpu-check: the wheel folder's check, the install beside the running Python's packages,
+the log parsing, the stop at the mark, and the whole check run dry on CPU (no network, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_check  # noqa: E402
+import wheels  # noqa: E402
+
+
+def test_wheels_for_another_python_are_refused_in_one_line(tmp_path):
+    assert "run `make wheels`" in gpu_check.wheels_problem(tmp_path)
+    (tmp_path / wheels.MANIFEST).write_text(json.dumps({"python_version": "2.7"}))
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert gpu_check.wheels_problem(tmp_path) == (
+        f"{tmp_path}/ holds wheels for CPython 2.7, this is {here}: run `make wheels ARGS='--python-version {here}'`")
+    (tmp_path / wheels.MANIFEST).write_text(json.dumps({"python_version": here}))
+    assert gpu_check.wheels_problem(tmp_path) is None
+
+
+def test_the_overlay_sees_the_running_pythons_packages(tmp_path):
+    """What lets the GPU machine's own torch serve the check: the overlay imports it, and pip runs there."""
+    python = gpu_check.create_overlay(tmp_path / "venv", gpu_check.site_dirs())
+    done = subprocess.run([str(python), "-c", "import pip, pytest, sys; print(sys.prefix)"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "venv")
+
+
+def test_epoch_lines_of_the_trainers_log_become_records():
+    log = ("12:00:01 zaremba_medium: 19,775,200 parameters, 1327 train windows of 20x35 per epoch, device cuda, 16 threads, fp32\n"
+           "12:00:20 epoch  1  lr 1  train ppl   612.29  valid ppl   281.02   52341 words/s     18s\n"
+           "12:00:39 epoch 12  lr 0.3349  train ppl    88.10  valid ppl   101.20  123456 words/s      7s\n")
+    assert gpu_check.epoch_records(log) == [
+        {"epoch": 1, "lr": 1.0, "train_ppl": 612.29, "valid_ppl": 281.02, "words_per_s": 52341.0, "seconds": 18.0},
+        {"epoch": 12, "lr": 0.3349, "train_ppl": 88.1, "valid_ppl": 101.2, "words_per_s": 123456.0, "seconds": 7.0}]
+
+
+def test_a_run_still_going_at_the_mark_gets_sigterm_and_counts_as_expected(tmp_path):
+    clock = gpu_check.Clock()
+    commands = {"quick": [sys.executable, "-c", "pass"], "long": [sys.executable, "-c", "import time; time.sleep(60)"]}
+    logs = {name: tmp_path / f"{name}.log" for name in commands}
+    phases = gpu_check.train_concurrently(commands, logs, clock, stop_at=clock.now() + 1.0, grace=10.0, env=None)
+    assert clock.now() < 10
+    assert (phases["quick"].exit_code, phases["quick"].detail["stopped_by_deadline"], phases["quick"].ok) == (0, False, True)
+    assert (phases["long"].exit_code, phases["long"].detail["stopped_by_deadline"], phases["long"].ok) == (143, True, True)
+
+
+def test_dry_run_writes_the_summary_and_small_files_only(tmp_path):
+    """The whole check on CPU: every phase, both trainings to their end, nothing heavy in the output."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--runs-dir", str(runs)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["dry_run"]
+    names = [p["name"] for p in summary["phases"]]
+    assert names == ["install", "tests", "bench", "train zaremba_medium", "train zaremba_large"]
+    assert summary["versions"]["torch"] and (out / "bench-cpu.json").is_file()
+    for recipe in gpu_check.RECIPES:
+        assert (out / recipe / "train.log").is_file() and (out / recipe / "metrics.json").is_file()
+        assert [e["epoch"] for e in summary["runs"][recipe]["epochs"]] == [1]  # the trainer's epoch line was read
+        assert summary["runs"][recipe]["final"]["steps"] == 2
+        assert (runs / recipe / "checkpoint.pt").is_file()  # kept in the run folder ...
+    assert not [p for p in out.rglob("*") if p.suffix == ".pt" or p.name == "tb"]  # ... never in the output
