@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lm.config import ConfigError
 from lm.dropout import WHOLE_BATCH, BatchShare
@@ -56,8 +57,6 @@ class Group:
         backward); itself in a single process."""
         if not self.active:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, gradient_as_bucket_view=True,
