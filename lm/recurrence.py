@@ -8,8 +8,11 @@ weight gradients after it, are one large product each over all steps, as cuDNN d
 The same loop carries the masks on h_{t-1} of the variational and recurrent dropout
 variants, so every variant trains at the same speed.
 
-Two implementations of the same equations: ``FusedLSTMWindow`` runs the compiled
-kernel of ``lm.kernels`` (CPU; the gate arithmetic of a step is one pass), and
+Three implementations of the same equations: ``FusedLSTMWindow`` runs the compiled
+kernel of ``lm.kernels`` (CPU; the gate arithmetic of a step is one pass);
+``compiled_window`` is ``window_loop`` compiled by ``torch.compile`` (GPU: inductor fuses
+each step's gate arithmetic, forward and backward, into a kernel or two beside the
+product, where the eager loop launches some 25 kernels per step and layer); and
 ``LSTMWindow`` is the pure-PyTorch fallback (any device; a dozen ops per step).
 
 Mixed precision: products run in the compute dtype (bf16 under autocast); gate
@@ -20,11 +23,18 @@ state is fp32. Gate order i, f, g, o as in ``nn.LSTM``, whose parameters this re
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import logging
+import os
+from typing import Callable, Optional
 
 import torch
 
 from lm import kernels
+
+log = logging.getLogger("lm.recurrence")
+
+COMPILE_ENV = "LM_COMPILE"  # 0: never compile the window (GPU), the eager loop runs instead
 
 
 class LSTMWindow(torch.autograd.Function):
@@ -114,6 +124,51 @@ class FusedLSTMWindow(torch.autograd.Function):
         return d_x, d_h0, d_c0, d_w, None
 
 
+def window_loop(x_proj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+                h_mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LSTMWindow``'s forward as plain differentiable ops (autograd derives the backward), for
+    ``torch.compile``: time-major x_proj [T, B, 4H] fp32, h0/c0 [B, H] fp32, products in
+    ``compute_dtype``, everything else fp32. Returns outputs [T, B, H], h and c."""
+    w_t = w_hh.to(compute_dtype).t()
+    h, c = h0, c0
+    outputs = []
+    for t in range(x_proj.size(0)):
+        h_in = h if h_mask is None else h * (h_mask if h_mask.dim() == 2 else h_mask[t])
+        gates = x_proj[t] + torch.mm(h_in.to(compute_dtype), w_t).float()
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+class CompiledWindow:
+    """``window_loop`` compiled on first use (one graph per shape, mask kind and dtype; a run
+    sees two or three). Where compiling fails (no Triton, an unsupported GPU), one warning
+    line, then ``None`` from every call: the caller runs the eager window instead."""
+
+    def __init__(self, compile_fn: Callable = torch.compile):
+        self.failed = os.environ.get(COMPILE_ENV, "1") == "0"
+        self._fn = None if self.failed else compile_fn(window_loop, fullgraph=True, dynamic=False)
+
+    def __call__(self, *args) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.failed:
+            return None
+        try:
+            return self._fn(*args)
+        except Exception as err:  # a compiler or backend failure; the same math runs eagerly
+            self.failed = True
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("compiling the LSTM window failed (%s); training runs the slower eager loop", reason[:200])
+            return None
+
+
+@functools.cache
+def compiled_window() -> CompiledWindow:
+    """The process's compiled window (compiled graphs are cached per process anyway)."""
+    return CompiledWindow()
+
+
 def lstm_window(
     layer: torch.nn.LSTM,
     x: torch.Tensor,
@@ -126,7 +181,8 @@ def lstm_window(
     Same call and result shapes as ``layer(x, state)``; ``w_hh`` replaces the
     recurrent weight (a weight-dropped one), ``h_mask`` masks h_{t-1}.
     Under autocast the products run in the autocast dtype. The compiled kernel
-    runs where ``lm.kernels`` has one for the device, the fallback elsewhere.
+    runs where ``lm.kernels`` has one for the device (CPU), ``torch.compile``'s on a GPU,
+    the eager fallback elsewhere.
     """
     device = x.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
@@ -138,5 +194,10 @@ def lstm_window(
             mask = None if h_mask is None else h_mask.float().contiguous()
             out, h, c = FusedLSTMWindow.apply(x_proj.to(compute_dtype).contiguous(), h0, c0, w_hh.to(compute_dtype), mask)
         return out, (h.unsqueeze(0), c.unsqueeze(0))
-    out, h, c = LSTMWindow.apply(x_proj.transpose(0, 1).float(), h0, c0, w_hh, h_mask, compute_dtype)
+    x_proj = x_proj.transpose(0, 1).float()
+    result = None
+    if x.device.type == "cuda":
+        with torch.autocast(device, enabled=False):
+            result = compiled_window()(x_proj, h0, c0, w_hh, None if h_mask is None else h_mask.float(), compute_dtype)
+    out, h, c = result if result is not None else LSTMWindow.apply(x_proj, h0, c0, w_hh, h_mask, compute_dtype)
     return out.transpose(0, 1), (h.unsqueeze(0), c.unsqueeze(0))

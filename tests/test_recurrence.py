@@ -182,3 +182,70 @@ def test_build_name_depends_on_the_source_and_the_cpu(monkeypatch):
     name = kernels.build_name()
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "some other cpu")
     assert kernels.build_name() != name and kernels.build_name().startswith("lm_fused_")
+
+
+# ---------------------------------------------------------------- the GPU path: window_loop under torch.compile
+
+
+def _window_inputs(layer, x, state):
+    x_proj = torch.nn.functional.linear(x, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0).transpose(0, 1)
+    return x_proj, state[0][0], state[1][0], layer.weight_hh_l0
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
+    """What the GPU compiles is the same function, with the same gradients, as LSTMWindow (every mask kind, bf16)."""
+    from lm.recurrence import LSTMWindow, window_loop
+
+    layer, x, state = problem
+    g = torch.Generator().manual_seed(1)
+    mask = {"none": None, "shared": (torch.rand(B, H, generator=g) > 0.3) / 0.7,
+            "per_step": (torch.rand(T, B, H, generator=g) > 0.3) / 0.7}[mask_kind]
+    run = lambda fn: _run(lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*fn(*_window_inputs(layer, x, state), mask, dtype)),  # noqa: E731
+                          layer, x, state)
+    for a, b in zip(run(LSTMWindow.apply), run(window_loop)):
+        assert torch.allclose(a, b, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_window_matches_nn_lstm(problem):
+    """The real torch.compile (inductor's CPU backend here; Triton on a GPU) of the masked window."""
+    from lm.recurrence import CompiledWindow
+
+    if kernels.fused() is None:
+        pytest.skip("no compiler here: inductor cannot build its CPU kernels either")
+    layer, x, state = problem
+    masks = (torch.rand(T, B, H, generator=torch.Generator().manual_seed(2)) > 0.3) / 0.7
+    compiled = CompiledWindow()
+    expected = _run(lambda: reference_lstm(layer, x, state, masks), layer, x, state)
+    got = _run(lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*compiled(*_window_inputs(layer, x, state), masks, torch.float32)),
+               layer, x, state)
+    assert not compiled.failed
+    for a, b in zip(expected, got):
+        assert torch.allclose(a, b.reshape(a.shape), atol=1e-5)
+
+
+def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem, caplog):
+    from lm.recurrence import CompiledWindow
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("Cannot find a working triton installation\nmore detail")
+        return run
+
+    layer, x, state = problem
+    compiled = CompiledWindow(broken_compile)
+    with caplog.at_level("WARNING", logger="lm.recurrence"):
+        assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
+        assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["compiling the LSTM window failed (Cannot find a working triton installation); training runs the slower eager loop"]
+
+
+def test_lm_compile_0_turns_compiling_off(monkeypatch):
+    from lm.recurrence import CompiledWindow
+
+    monkeypatch.setenv("LM_COMPILE", "0")
+    compiled = CompiledWindow(lambda fn, **options: pytest.fail("compiled although LM_COMPILE=0"))
+    assert compiled.failed and compiled(None, None, None, None, None, torch.float32) is None
