@@ -38,6 +38,8 @@ FOLLOW_UPS: dict[str, tuple[str, float, float]] = {
     "gal_large": ("Gal & Ghahramani 2016, variational (large)", 77.9, 75.2),
 }
 REFERENCE_ROWS = {**PAPER_TABLE_1, **FOLLOW_UPS}  # every preset with a published number
+# Gal & Ghahramani's test perplexity with Monte Carlo dropout (PAPER.md), per preset.
+PAPER_MC_TEST: dict[str, float] = {"gal_medium": 78.6, "gal_large": 73.4}
 # Table 1, model averaging: {experiment: [(number of models, valid, test), ...]}.
 PAPER_AVERAGES: dict[str, list[tuple[int, float, float]]] = {
     "zaremba_small": [(2, 100.4, 96.1), (5, 87.9, 84.1), (10, 83.5, 80.0)],
@@ -91,6 +93,7 @@ REQUIRED_FIELDS = {
     "metrics.json": {"name": str, "seed": int, "config": dict, "epochs": list, "steps": int, "valid_ppl": float,
                      "test_ppl": float, "eval": dict, "train_seconds": float, "device": str},
     "ensemble.json": {"name": str, "n_models": int, "checkpoints": list, "valid_ppl": float, "test_ppl": float, "results": dict},
+    "eval.json": {"checkpoint": str, "results": dict},
 }
 
 
@@ -137,10 +140,26 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}"
 
 
+def _hardware(m: dict[str, Any]) -> str:
+    """Where a run trained: the GPU, or the CPU model with its bf16 instructions and threads
+    (runs from before metrics.json recorded the model say so)."""
+    hw = m.get("hardware") or {}
+    if m["device"].startswith("cuda"):
+        return hw.get("gpu") or m["device"]
+    threads = f"{m['threads']} thr" if "threads" in m else ""
+    if not hw.get("cpu"):
+        return ", ".join(x for x in ("cpu (model not recorded)", threads) if x)
+    return ", ".join(x for x in (f"{hw['cpu']}, {hw.get('cpu_bf16', '?')}", threads) if x)
+
+
+def _wall_hours(m: dict[str, Any]) -> str:
+    return f"{m['wall_seconds'] / 3600:.2f}" if isinstance(m.get("wall_seconds"), (int, float)) else ""
+
+
 def runs_table(runs: list[Run]) -> str:
     header = (
-        "| run | seed | epochs | valid (batched) | test (paper protocol) | test (batched) | train min | device | overrides |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| run | seed | epochs | valid (batched) | test (paper protocol) | test (batched) | train min | wall h | hardware | overrides |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for r in runs:
@@ -149,7 +168,7 @@ def runs_table(runs: list[Run]) -> str:
         epochs = str(len(m["epochs"])) if m.get("completed", True) else f"partial ({m['steps']} steps)"
         rows.append(
             f"| `{r.path.as_posix()}` | {m['seed']} | {epochs} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
-            f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {m['device']} | {overrides} |"
+            f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {_wall_hours(m)} | {_hardware(m)} | {overrides} |"
         )
     return "\n".join([header, *rows])
 
@@ -205,15 +224,25 @@ def ensemble_experiment(ensemble: Run) -> str | None:
     return experiments.pop() if len(experiments) == 1 else None
 
 
+def paper_average(experiment: str | None, n_models: int) -> str:
+    """The paper's valid / test for an average of ``n_models`` models of ``experiment``; where it
+    reports none of that size, the sizes it does report."""
+    averages = PAPER_AVERAGES.get(experiment or "", [])
+    same = [f"{v:.1f} / {t:.1f}" for n, v, t in averages if n == n_models]
+    if same:
+        return same[0]
+    return f"none of {n_models} (it averages {', '.join(str(n) for n, _, _ in averages)})" if averages else ""
+
+
 def ensemble_table(ensembles: list[Run]) -> str:
     header = (
-        "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | paper: valid / test of averages of N |\n"
+        "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | paper, same number of models: valid / test |\n"
         "|---|---|---|---|---|---|"
     )
     rows = []
-    for e in ensembles:
+    for e in sorted(ensembles, key=lambda e: (e.name, e.metrics["n_models"], e.path.as_posix())):
         m = e.metrics
-        paper = "; ".join(f"{n}: {v:.1f} / {t:.1f}" for n, v, t in PAPER_AVERAGES.get(ensemble_experiment(e) or "", []))
+        paper = paper_average(ensemble_experiment(e), m["n_models"])
         rows.append(
             f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
             f"{_fmt(m['results']['test']['batched']['ppl'])} | {paper} |"
@@ -221,7 +250,32 @@ def ensemble_table(ensembles: list[Run]) -> str:
     return "\n".join([header, *rows])
 
 
-def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
+def mc_dropout_table(evals: list[Run], runs: list[Run]) -> str | None:
+    """Runs evaluated with Monte Carlo dropout (``lm.evaluate eval.mc_samples=K``, eval.json beside
+    metrics.json): standard and MC perplexity side by side, with Gal's MC number where there is one."""
+    by_path = {r.path: r for r in runs}
+    rows = []
+    for e in evals:
+        mc = e.metrics.get("mc_dropout")
+        if not isinstance(mc, dict):
+            continue
+        run = by_path.get(e.path)
+        experiment = paper_experiment(run) if run is not None else None
+        std, mc_res = e.metrics["results"], mc["results"]
+        paper = PAPER_MC_TEST.get(experiment or "")
+        rows.append(
+            f"| `{e.path.as_posix()}` | {experiment or ''} | {mc['samples']} | {_fmt(std['valid']['batched']['ppl'])} | "
+            f"{_fmt(mc_res['valid']['batched']['ppl'])} | {_fmt(std['test']['stream']['ppl'])} | {_fmt(mc_res['test']['stream']['ppl'])} | "
+            f"{'' if paper is None else f'{paper:.1f}'} |"
+        )
+    if not rows:
+        return None
+    header = ("| run | experiment | samples | valid | valid (MC) | test (paper protocol) | test (MC) | paper test (MC) |\n"
+              "|---|---|---|---|---|---|---|---|")
+    return "\n".join([header, *rows])
+
+
+def render(runs: list[Run], ensembles: list[Run] | None = None, evals: list[Run] | None = None) -> str:
     parts = [
         "# Results",
         "",
@@ -245,6 +299,9 @@ def render(runs: list[Run], ensembles: list[Run] | None = None) -> str:
               "Learning curves: `curve.png` in each run folder.", ""]
     if ensembles:
         parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
+    mc = mc_dropout_table(evals or [], runs)
+    if mc:
+        parts += ["## Monte Carlo dropout (dropout left on at evaluation, probabilities averaged over the samples)", "", mc, ""]
     return "\n".join(parts)
 
 
@@ -308,7 +365,7 @@ def local_report(root: Path, local: Path) -> str:
     local_runs = [Run(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
     for r in local_runs:
         plot_curve(r, local / r.path.relative_to(local.name) / CURVE_NAME)
-    text = render(find_runs(root), find_runs(root, "ensemble.json"))
+    text = render(find_runs(root), find_runs(root, "ensemble.json"), find_runs(root, "eval.json"))
     if not local_runs:
         return text
     parts = [text, f"# Your runs ({local}/), apart from the committed ones", "",
@@ -324,7 +381,7 @@ def local_report(root: Path, local: Path) -> str:
 def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:
     runs = find_runs(root)
     ensembles = find_runs(root, "ensemble.json")
-    text = render(runs, ensembles)
+    text = render(runs, ensembles, find_runs(root, "eval.json"))
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "README.md", text)
     if readme is not None and runs:

@@ -16,6 +16,7 @@ import torch
 from lm.checkpoint import CheckpointError, vocab_digest
 from lm.config import ConfigError, DataConfig, TrainConfig, validate_saved
 from lm.data import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
+from lm.kernels import cpu_info
 from lm.model import LSTMLanguageModel
 
 DEFAULT_PTB_DIR = "data/ptb"
@@ -56,6 +57,13 @@ def precision_record(device: torch.device, precision: str, tf32: bool) -> dict[s
         "elementwise_and_state": "fp32 (gates, cell, carried state, softmax, loss, weights)",
         "evaluation_products": fp32,
     }
+
+
+def hardware(device: torch.device) -> dict[str, str | None]:
+    """What a run's timings must be read against: the CPU model and its bf16 instructions, and the GPU."""
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cpu_bf16": cpu["bf16"],
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def load_data(data: DataConfig) -> Corpus:

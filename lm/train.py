@@ -51,7 +51,7 @@ from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_po
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.loss import WindowLoss
 from lm.model import LSTMLanguageModel, State, count_parameters, detach_state
-from lm.runtime import check_vocab, fp32_products, git_commit, load_data, precision_record, select_device
+from lm.runtime import check_vocab, fp32_products, git_commit, hardware, load_data, precision_record, select_device
 
 log = logging.getLogger("lm.train")
 
@@ -759,6 +759,7 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "git_commit": git_commit(),
         "device": str(run.device),
         "precision": precision_record(run.device, run.cfg.trainer.precision, run.cfg.trainer.tf32),
+        "hardware": hardware(run.device),
         "threads": torch.get_num_threads(),
         "processes": run.group.world_size,
         "platform": platform.platform(),

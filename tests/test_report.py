@@ -124,5 +124,33 @@ def test_an_ensemble_is_compared_when_all_its_members_have_the_recipe(tmp_path: 
     ensemble("mixed", [1, 3])
     text = write_report(results, plots=False)
     rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 7}
-    assert rows["same"].endswith("| 2: 100.4 / 96.1; 5: 87.9 / 84.1; 10: 83.5 / 80.0 |")
+    assert rows["same"].endswith("| 90.00 | 100.4 / 96.1 |")  # the paper's average of as many models
     assert rows["mixed"].endswith("| 90.00 |  |")  # members of two recipes: no paper row
+    ensemble("three", [1, 2, 2])
+    text = write_report(results, plots=False)
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 7}
+    assert rows["three"].endswith("| none of 3 (it averages 2, 5, 10) |")
+
+
+def test_runs_say_where_they_trained_and_mc_dropout_sits_beside_the_standard_numbers(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "corpus")
+    results = tmp_path / "results"
+    run_dir = results / "gal_medium" / "seed-1"
+    metrics = train(train_config(tiny_overrides(corpus, "trainer.epochs=1")), run_dir)
+    assert metrics["hardware"]["cpu"] and metrics["hardware"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
+    assert metrics["hardware"]["gpu"] is None
+    as_trained_with(run_dir, "experiment=gal_medium")
+    numbers = lambda valid, test: {"valid": {"batched": {"ppl": valid}}, "test": {"stream": {"ppl": test}}}  # noqa: E731
+    (run_dir / "eval.json").write_text(json.dumps({
+        "checkpoint": str(run_dir / "checkpoint.pt"), "results": numbers(82.0, 79.9),
+        "mc_dropout": {"samples": 100, "seed": 0, "results": numbers(81.0, 78.8)}}))
+    text = write_report(results, plots=False)
+    row = next(line for line in text.splitlines() if line.startswith("| `gal_medium/seed-1` | 1 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[7] == f"{metrics['wall_seconds'] / 3600:.2f}"
+    assert cells[8] == f"{metrics['hardware']['cpu']}, {metrics['hardware']['cpu_bf16']}, 1 thr"
+    assert "| `gal_medium/seed-1` | gal_medium | 100 | 82.00 | 81.00 | 79.90 | 78.80 | 78.6 |" in text
+    old = json.loads((run_dir / "metrics.json").read_text())
+    del old["hardware"]  # a run from before the model was recorded
+    (run_dir / "metrics.json").write_text(json.dumps(old))
+    assert "| cpu (model not recorded), 1 thr |" in write_report(results, plots=False)
