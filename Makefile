@@ -21,7 +21,7 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large ablation eval table test bench profile wheels gpu-check clean
+.PHONY: help setup data train-small train-medium train-large reproduce ablation eval table test bench profile wheels gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ train-medium: data ## train the paper's medium regularized model (39 epochs), th
 train-large: data ## train the paper's large regularized model (55 epochs), then print the table
 	$(PY) -m lm.train experiment=zaremba_large $(ARGS) || $(STATUS)
 	$(PY) -m lm.report --with-runs runs || $(STATUS)
+
+reproduce: data ## every row of Table 1 into runs/table1 (30+ h on 2 cores: run it under nohup; reruns continue)
+	$(PY) -m lm.reproduce $(ARGS) || $(STATUS)
 
 ablation: data ## dropout placements side by side (about 2 h on 2 cores; reruns continue), then results/ablation/
 	$(PY) -m lm.train -m experiment=ablation ablation=$(PLACEMENTS) hydra/launcher=joblib \

@@ -1,0 +1,222 @@
+"""Every row of Table 1 in one command: ``python -m lm.reproduce`` (``make reproduce``).
+
+The paper's rows need many runs: 10 small models (single and averages of 2, 5 and 10),
+3 medium (mean ± std, averages of 2 and 3), a large one, and Gal & Ghahramani's
+variational medium model (standard and Monte Carlo dropout evaluation). This command
+plans them as steps (train, average, evaluate), runs the steps whose inputs are ready,
+``--jobs`` at a time, and prints the table of what is done. Each step is skipped when
+its result file exists and continues from its checkpoint when it does not
+(``trainer.resume=auto``), so the same command picks up after a stop, a crash or a
+new session, however often. A stop signal is passed to the running steps, which
+checkpoint, and ends the command with 128 + signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.cli import ArgumentParser, UsageError, guarded, positive_int
+from lm.faults import TrainingInterrupted
+from lm.report import write_report
+
+PARTS = ("small", "medium", "large", "gal")
+# The paper's model averages per experiment (Table 1), capped by the models trained.
+AVERAGE_SIZES = {"zaremba_small": (2, 5, 10), "zaremba_medium": (2, 3)}
+POLL_SECONDS = 1.0
+# The training keys each step sets itself (--train-arg may not).
+SET_HERE = ("experiment", "trainer.seed", "trainer.resume", "trainer.threads", "trainer.progress", "hydra.run.dir")
+
+
+@dataclass
+class Step:
+    """One command of the plan: done when ``result`` exists; runs once every step it ``needs`` is done."""
+
+    name: str
+    command: list[str]
+    result: Path
+    threads_arg: str  # how the command takes its thread count, e.g. "trainer.threads={}"
+    needs: list[str] = field(default_factory=list)
+    resumable: bool = False  # a training: a checkpoint in its folder is continued
+
+    @property
+    def done(self) -> bool:
+        return self.result.is_file()
+
+
+def _train(root: Path, experiment: str, seed: int, extra: list[str]) -> Step:
+    folder = root / experiment / f"seed-{seed}"
+    return Step(
+        f"train {experiment} seed {seed}",
+        [sys.executable, "-m", "lm.train", f"experiment={experiment}", f"trainer.seed={seed}", "trainer.resume=auto",
+         "trainer.progress=false", f"hydra.run.dir={folder}", *extra],
+        folder / "metrics.json", "trainer.threads={}", resumable=True,
+    )
+
+
+def plan(root: Path, parts: list[str], small_models: int, medium_models: int, mc_samples: int, extra: list[str],
+         data_dir: str | None = None) -> list[Step]:
+    """The steps for ``parts``, members before their averages, the variational run before its MC evaluation.
+    ``data_dir`` is the corpus folder for every step (default: each command's own, for PTB $LM_DATA_DIR or data/ptb)."""
+    if data_dir is not None:
+        extra = [*extra, f"data.dir={data_dir}"]
+    corpus = {"ensemble": ["--data-dir", data_dir], "evaluate": [f"data_dir={data_dir}"]} if data_dir else {"ensemble": [], "evaluate": []}
+    steps: list[Step] = []
+    counts = {"small": ("zaremba_small", small_models), "medium": ("zaremba_medium", medium_models), "large": ("zaremba_large", 1),
+              "gal": ("gal_medium", 1)}
+    for part in parts:
+        experiment, n = counts[part]
+        members = [_train(root, experiment, seed, extra) for seed in range(1, n + 1)]
+        steps += members
+        for size in (s for s in AVERAGE_SIZES.get(experiment, ()) if s <= n):
+            out = root / experiment / f"average-{size}"
+            steps.append(Step(
+                f"average {size} {experiment} models",
+                [sys.executable, "-m", "lm.ensemble", *(str(m.result.parent / "checkpoint.pt") for m in members[:size]),
+                 "--out", str(out), "--no-members", *corpus["ensemble"]],
+                out / "ensemble.json", "--threads={}", needs=[m.name for m in members[:size]],
+            ))
+        if part == "gal":
+            run = members[0].result.parent
+            steps.append(Step(
+                "evaluate gal_medium seed 1 with Monte Carlo dropout",
+                [sys.executable, "-m", "lm.evaluate", f"checkpoint={run / 'checkpoint.pt'}", f"eval.mc_samples={mc_samples}",
+                 f"output={run / 'eval.json'}", *corpus["evaluate"]],
+                run / "eval.json", "threads={}", needs=[members[0].name],
+            ))
+    return steps
+
+
+def status(step: Step, steps: dict[str, Step]) -> str:
+    """Where a step stands, in words."""
+    waits = [n for n in step.needs if not steps[n].done]
+    if step.done:
+        return "done"
+    if waits:
+        return f"waits for {len(waits)} of the {len(step.needs)} run(s) it needs"
+    if step.resumable and (step.result.parent / "checkpoint.pt").is_file():
+        return "continues from its checkpoint"
+    return "to run"
+
+
+@dataclass
+class Running:
+    step: Step
+    process: subprocess.Popen
+    log: object
+    started: float
+
+
+def execute(steps: list[Step], jobs: int, threads: int, logs: Path) -> list[str]:
+    """Run the steps not yet done, ``jobs`` at a time, each with ``threads`` torch threads; returns the
+    names of the steps that failed (after a failure no new step starts, the running ones finish). A
+    stop signal is passed to the running steps (they checkpoint), then raised as ``TrainingInterrupted``."""
+    by_name = {s.name: s for s in steps}
+    todo = [s for s in steps if not s.done]
+    running: list[Running] = []
+    failed: list[str] = []
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while todo or running:
+            if stop:
+                for r in running:
+                    r.process.send_signal(signal.SIGTERM)  # each training checkpoints, then exits
+                for r in running:
+                    r.process.wait()
+                    r.log.close()
+                raise TrainingInterrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name}; the same command continues "
+                                                   f"({len(running)} step(s) checkpointed)")
+            for r in list(running):
+                code = r.process.poll()
+                if code is None:
+                    continue
+                running.remove(r)
+                r.log.close()
+                minutes = (time.perf_counter() - r.started) / 60
+                if code == 0 and r.step.done:
+                    print(f"done: {r.step.name} ({minutes:.1f} min)", flush=True)
+                else:
+                    failed.append(r.step.name)
+                    print(f"failed: {r.step.name} (exit {code}); its log: {logs / _log_name(r.step)}", flush=True)
+            ready = [s for s in todo if all(by_name[n].done for n in s.needs)]
+            while ready and len(running) < jobs and not failed:
+                step = ready.pop(0)
+                todo.remove(step)
+                running.append(_start(step, threads, logs))
+            if not running and (failed or not ready):
+                break  # nothing runs, and nothing more may start
+            time.sleep(POLL_SECONDS)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return failed
+
+
+def _log_name(step: Step) -> str:
+    return step.name.replace(" ", "_") + ".log"
+
+
+def _start(step: Step, threads: int, logs: Path) -> Running:
+    command = [*step.command, step.threads_arg.format(threads)]
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / _log_name(step), "a")
+    print(f"start: {step.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return Running(step, process, log, time.perf_counter())
+
+
+def reproduce(root: Path, parts: list[str], jobs: int, small_models: int, medium_models: int, mc_samples: int,
+              extra: list[str], data_dir: str | None = None, dry_run: bool = False) -> int:
+    """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed."""
+    steps = plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir)
+    by_name = {s.name: s for s in steps}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"{len(steps)} steps in {root} ({sum(s.done for s in steps)} done); {jobs} at a time, {threads} thread(s) each")
+    for step in steps:
+        print(f"  {step.name}: {status(step, by_name)}")
+    if dry_run:
+        return 0
+    failed = execute(steps, jobs, threads, root / "logs")
+    print(write_report(root, plots=True, readme=None))
+    left = [s.name for s in steps if not s.done]
+    if left:
+        print(f"not done: {', '.join(left)}" + (f" (failed: {', '.join(failed)}; logs in {root / 'logs'})" if failed else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m lm.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/table1", help="folder of every run, average and evaluation (default runs/table1)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="rows to reproduce (default: all)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="steps at once; the cores are shared among them")
+    parser.add_argument("--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5 and 10)")
+    parser.add_argument("--medium-models", type=positive_int, default=3, help="medium models trained (mean ± std; averages of 2 and 3)")
+    parser.add_argument("--mc-samples", type=positive_int, default=100, help="Monte Carlo dropout samples for the variational model")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override added to every training, e.g. trainer.precision=bf16 (repeatable)")
+    parser.add_argument("--data-dir", help="the corpus folder for every step (default for PTB: $LM_DATA_DIR, else data/ptb)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and what is done, run nothing")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        for arg in args.train_arg:
+            if "=" not in arg or arg.split("=", 1)[0].lstrip("+~") in SET_HERE:
+                raise UsageError(f"--train-arg {arg!r}: give KEY=VALUE, a key other than {', '.join(SET_HERE)} (this command sets them)")
+        code = reproduce(Path(args.root), args.parts, args.jobs, args.small_models, args.medium_models, args.mc_samples,
+                         args.train_arg, args.data_dir, args.dry_run)
+        if code:
+            raise SystemExit(code)
+
+    guarded(body)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
