@@ -368,9 +368,12 @@ def local_report(root: Path, local: Path) -> str:
     text = render(find_runs(root), find_runs(root, "ensemble.json"), find_runs(root, "eval.json"))
     if not local_runs:
         return text
-    parts = [text, f"# Your runs ({local}/), apart from the committed ones", "",
-             "The same comparison for your runs alone (each group's mean is over your runs only).", "",
-             comparison_table(local_runs), ""]
+    compared = comparison_table(local_runs)
+    parts = [text, f"# Your runs ({local}/), apart from the committed ones", ""]
+    if compared.count("\n") > 1:  # a row beyond the header
+        parts += ["The same comparison for your runs alone (each group's mean is over your runs only).", "", compared, ""]
+    else:
+        parts += ["None of them is a completed run of a paper recipe yet, so none is set beside the paper.", ""]
     apart = other_recipes_table(local_runs)
     if apart:
         parts += [apart, ""]

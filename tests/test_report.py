@@ -154,3 +154,14 @@ def test_runs_say_where_they_trained_and_mc_dropout_sits_beside_the_standard_num
     del old["hardware"]  # a run from before the model was recorded
     (run_dir / "metrics.json").write_text(json.dumps(old))
     assert "| cpu (model not recorded), 1 thr |" in write_report(results, plots=False)
+
+
+def test_local_runs_cut_short_say_why_they_are_not_beside_the_paper(tmp_path: Path):
+    from lm.report import local_report
+
+    corpus = write_corpus(tmp_path / "corpus")
+    runs = tmp_path / "runs"
+    train(train_config(tiny_overrides(corpus, "trainer.max_steps=3", "name=zaremba_small")), runs / "zaremba_small" / "seed-1")
+    yours = local_report(tmp_path / "results", runs).partition("# Your runs")[2]
+    assert "None of them is a completed run of a paper recipe yet" in yours and "| experiment | runs |" not in yours
+    assert "| `runs/zaremba_small/seed-1` | 1 | partial (3 steps) |" in yours
