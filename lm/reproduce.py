@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.cli import ArgumentParser, UsageError, guarded, positive_int
+from lm.checkpoint import RunFolderLock
+from lm.cli import ArgumentParser, UsageError, check_output_folder, guarded, positive_int
 from lm.faults import TrainingInterrupted
 from lm.report import write_report
 
@@ -173,16 +174,33 @@ def _start(step: Step, threads: int, logs: Path) -> Running:
 
 def reproduce(root: Path, parts: list[str], jobs: int, small_models: int, medium_models: int, mc_samples: int,
               extra: list[str], data_dir: str | None = None, dry_run: bool = False) -> int:
-    """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed."""
-    steps = plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir)
+    """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed. One
+    command at a time per ``root`` (a second one is refused in one line)."""
+    check_output_folder(root, "--root")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir: {data_dir} is not a folder: give the corpus folder (for PTB, the one with ptb.train.txt)")
+    if dry_run:
+        return _show_plan(root, plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir), jobs)
+    with RunFolderLock(root):
+        return _run_plan(root, plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir), jobs)
+
+
+def _show_plan(root: Path, steps: list[Step], jobs: int) -> int:
     by_name = {s.name: s for s in steps}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(f"{len(steps)} steps in {root} ({sum(s.done for s in steps)} done); {jobs} at a time, {threads} thread(s) each")
+    print(f"{len(steps)} steps in {root} ({sum(s.done for s in steps)} done); {jobs} at a time, {_threads(jobs)} thread(s) each")
     for step in steps:
         print(f"  {step.name}: {status(step, by_name)}")
-    if dry_run:
-        return 0
-    failed = execute(steps, jobs, threads, root / "logs")
+    return 0
+
+
+def _threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _run_plan(root: Path, steps: list[Step], jobs: int) -> int:
+    """The steps left, then the table; 0 when every step is done, 1 otherwise."""
+    _show_plan(root, steps, jobs)
+    failed = execute(steps, jobs, _threads(jobs), root / "logs")
     print(write_report(root, plots=True, readme=None))
     left = [s.name for s in steps if not s.done]
     if left:

@@ -98,3 +98,18 @@ def test_sigterm_checkpoints_the_running_steps_and_the_same_command_continues(ti
         assert "Resume with the same command" in (root / "logs" / log).read_text()
     dry = subprocess.run([*args, "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert dry.stdout.count("continues from its checkpoint") == 2
+
+
+def test_bad_folders_and_a_second_command_on_the_same_root_are_refused_before_any_work(tmp_path: Path):
+    from lm.checkpoint import RunFolderError, RunFolderLock
+    from lm.cli import UsageError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="--root: cannot write"):
+        reproduce(tmp_path / "file" / "table1", ["gal"], 1, 2, 1, 2, [])
+    with pytest.raises(UsageError, match="--data-dir: .* is not a folder"):
+        reproduce(tmp_path / "table1", ["gal"], 1, 2, 1, 2, [], str(tmp_path / "missing"))
+    with RunFolderLock(tmp_path / "table1"):
+        with pytest.raises(RunFolderError, match="in use by another run"):
+            reproduce(tmp_path / "table1", ["gal"], 1, 2, 1, 2, [])
+    assert not (tmp_path / "table1" / "logs").exists()
