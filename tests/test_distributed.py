@@ -98,3 +98,23 @@ def test_more_processes_than_gpus_is_one_line_not_invalid_device_ordinal(monkeyp
         check_gpu_per_process(3, 4)
     with pytest.raises(ConfigError, match="started 4 processes"):
         check_gpu_per_process(0, 4)  # rank 0 refuses too, before the others fail
+
+
+def _agree_in_two_processes(rank: int, store_file: str, values: list[int], out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        result = Group(rank=rank, world_size=2).agree(values[rank])
+        Path(f"{out_file}.{rank}").write_text(str(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("values, agreed", [([7, 7], True), ([7, 8], False), ([2**62, -(2**62)], False)])
+def test_ranks_agree_only_on_one_value(tmp_path: Path, values: list[int], agreed: bool):
+    """The check behind one saved RNG state for all ranks: every rank learns whether all hold the same value."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_in_two_processes, args=(str(tmp_path / "store"), values, str(tmp_path / "out")), nprocs=2)
+    assert [(tmp_path / f"out.{r}").read_text() for r in (0, 1)] == [str(agreed)] * 2
