@@ -194,7 +194,9 @@ def _show_plan(root: Path, steps: list[Step], jobs: int) -> int:
 
 
 def _threads(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    """Each step's share of the cores this process may use (``taskset`` and cgroups included)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
 
 
 def _run_plan(root: Path, steps: list[Step], jobs: int) -> int:
