@@ -13,6 +13,7 @@ checkpoint, and ends the command with 128 + signal.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -168,8 +169,17 @@ def _start(step: Step, threads: int, logs: Path) -> Running:
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / _log_name(step), "a")
     print(f"start: {step.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # its own session: a terminal's Ctrl-C reaches this command only, which passes SIGTERM on once
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_terminate_with_parent if sys.platform == "linux" else None)
     return Running(step, process, log, time.perf_counter())
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before it runs: SIGTERM (checkpoint and exit) when this command dies, even
+    by SIGKILL, so that no training runs on unwatched, holding its folder's lock (Linux's prctl)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def reproduce(root: Path, parts: list[str], jobs: int, small_models: int, medium_models: int, mc_samples: int,

@@ -113,3 +113,24 @@ def test_bad_folders_and_a_second_command_on_the_same_root_are_refused_before_an
         with pytest.raises(RunFolderError, match="in use by another run"):
             reproduce(tmp_path / "table1", ["gal"], 1, 2, 1, 2, [])
     assert not (tmp_path / "table1" / "logs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_command_takes_its_trainings_with_it_after_a_checkpoint(tiny_corpus: Path, tmp_path: Path):
+    """SIGKILL leaves the command no time to pass a signal on: the kernel sends each training SIGTERM."""
+    root = tmp_path / "table1"
+    args = [sys.executable, "-m", "lm.reproduce", "--root", str(root), "--parts", "small", "--small-models", "1",
+            "--data-dir", str(tiny_corpus), *(f"--train-arg={a}" for a in [*TINY, "trainer.epochs=200"])]
+    env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT")}
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = root / "zaremba_small" / "seed-1" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.kill()
+    process.wait()
+    log = root / "logs" / "train_zaremba_small_seed_1.log"
+    while "Resume with the same command" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "stopped by SIGTERM" in log.read_text()
