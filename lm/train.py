@@ -326,7 +326,8 @@ class Run:
         }
 
     def save(self, partial: EpochProgress | None = None) -> None:
-        """Write the checkpoint (rank 0), atomically; collective when ``partial`` is given."""
+        """Write the checkpoint (rank 0), atomically. Collective: every rank calls it (the ranks'
+        generator states are checked to be one, and a mid-epoch ``partial`` gathers every rank's streams)."""
         partial = _global_progress(partial, self.group) if partial else None
         rng = rng_state(self.device)
         if not self.group.agree(rng_digest(rng)):  # one state saved for all: they must be one (lm.dropout.BatchShare)
