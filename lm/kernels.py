@@ -14,6 +14,7 @@ forces that path.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -72,13 +73,26 @@ def fused() -> ModuleType | None:
     try:
         import torch.utils.cpp_extension as cpp_extension  # heavy (setuptools); only needed to build
 
-        return cpp_extension.load(
-            name=build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
-        )
+        name = build_name()
+        build_dir = build_root() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / "lm.lock", "w") as lock:
+            # Our lock goes with the process however it ends. torch's own lock is a file ("lock")
+            # that a process killed while loading leaves behind, after which every later load
+            # would wait for it forever; while we hold ours, no live process of ours holds torch's.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                      build_directory=str(build_dir), verbose=False)
     except Exception as err:  # no compiler, no headers, a failed build: all mean the same to the caller
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("fused CPU kernels unavailable (%s); training runs the slower pure-PyTorch path", reason[:200])
         return None
+
+
+def build_root() -> Path:
+    """Where builds go: torch's extension folder (``$TORCH_EXTENSIONS_DIR``, else ~/.cache/torch_extensions)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
 
 
 def available(device: torch.device | str) -> bool:
