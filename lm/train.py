@@ -306,12 +306,12 @@ class Run:
     def max_steps_reached(self) -> bool:
         return self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
 
-    def checkpoint_payload(self, partial: EpochProgress | None, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint_payload(self, partial: EpochProgress | None, rng: dict[str, Any]) -> dict[str, Any]:
         """Everything a resume needs; ``partial`` is a mid-epoch position with every rank's streams."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng if rng is not None else rng_state(self.device),
+            "rng": rng,  # every rank's generator state, checked to be one (``save``)
             "config": self.config_dict,
             "vocab": self.corpus.vocab.itos,
             "vocab_sha256": vocab_digest(self.corpus.vocab.itos),
