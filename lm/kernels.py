@@ -82,12 +82,25 @@ def fused() -> ModuleType | None:
             # would wait for it forever; while we hold ours, no live process of ours holds torch's.
             fcntl.flock(lock, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
-            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                                      build_directory=str(build_dir), verbose=False)
+            return cpp_extension.load(name=name, sources=[str(source_copy(build_dir))], extra_cflags=CFLAGS,
+                                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as err:  # no compiler, no headers, a failed build: all mean the same to the caller
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("fused CPU kernels unavailable (%s); training runs the slower pure-PyTorch path", reason[:200])
         return None
+
+
+def source_copy(build_dir: Path) -> Path:
+    """The source as a file inside its build folder, written once. The build file names its source by
+    path, so building from each checkout's own file would rebuild the same source for every checkout
+    (a clone for a long run, a CI check) and replace the library under the runs of the others."""
+    copy = build_dir / SOURCE.name
+    text = SOURCE.read_text()
+    if not copy.is_file() or copy.read_text() != text:
+        partial = copy.with_name(copy.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, copy)
+    return copy
 
 
 def build_root() -> Path:

@@ -152,8 +152,18 @@ def _hardware(m: dict[str, Any]) -> str:
     return ", ".join(x for x in (f"{hw['cpu']}, {hw.get('cpu_bf16', '?')}", threads) if x)
 
 
+# Runs from before metrics.json summed the wall time over resumed processes ("sessions") recorded
+# only the last process's; where that is shorter than the training itself, the table says so.
+LAST_PROCESS_MARK = "†"
+LAST_PROCESS_NOTE = (f"{LAST_PROCESS_MARK} wall time of the run's last process only: it was resumed before metrics.json "
+                     "summed the wall time over processes (train min covers every process).")
+
+
 def _wall_hours(m: dict[str, Any]) -> str:
-    return f"{m['wall_seconds'] / 3600:.2f}" if isinstance(m.get("wall_seconds"), (int, float)) else ""
+    if not isinstance(m.get("wall_seconds"), (int, float)):
+        return ""
+    last_only = "sessions" not in m and m["wall_seconds"] < m.get("train_seconds", 0)
+    return f"{m['wall_seconds'] / 3600:.2f}" + (f" {LAST_PROCESS_MARK}" if last_only else "")
 
 
 def runs_table(runs: list[Run]) -> str:
@@ -170,6 +180,8 @@ def runs_table(runs: list[Run]) -> str:
             f"| `{r.path.as_posix()}` | {m['seed']} | {epochs} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
             f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {_wall_hours(m)} | {_hardware(m)} | {overrides} |"
         )
+    if any(LAST_PROCESS_MARK in row for row in rows):
+        rows += ["", LAST_PROCESS_NOTE]
     return "\n".join([header, *rows])
 
 

@@ -1,6 +1,6 @@
 """Speed of training and evaluation at the paper's three sizes: ``make bench``.
 
-For each size, in one process: training tokens/s of our step (``lm.train.train_epoch``)
+For each size, in one process: training tokens/s of our step (``lm.step.train_epoch``)
 in fp32 and in bf16 (``trainer.precision=bf16``) and of a plain PyTorch reference step
 with the same math in fp32 (embedding + multi-layer ``nn.LSTM`` + linear, loss summed
 over time / batch, global clipping, SGD), the evaluation tokens/s under both protocols
@@ -41,7 +41,7 @@ from lm.data import batchify, bptt_windows  # noqa: E402
 from lm.evaluate import evaluate  # noqa: E402
 from lm.model import LSTMLanguageModel  # noqa: E402
 from lm.runtime import fp32_products  # noqa: E402
-from lm.train import train_epoch  # noqa: E402
+from lm.step import train_epoch  # noqa: E402
 
 SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
 VOCAB, BATCH, LAYERS = 10_000, 20, 2  # the same in every recipe (recipe_shapes checks it)

@@ -46,7 +46,7 @@ from lm.ensemble import run_ensemble
 from lm.evaluate import evaluate_all, evaluate_mixture
 from lm.generate import sample
 from lm.model import LSTMLanguageModel
-from lm.train import train_epoch
+from lm.step import train_epoch
 
 from helpers import REPO, tiny_overrides, train_config, write_corpus
 

@@ -15,7 +15,8 @@ import torch
 from lm.checkpoint import load_checkpoint
 from lm.distributed import Group, check_gpu_per_process
 from lm.config import ConfigError
-from lm.train import EpochLoop, train
+from lm.step import EpochLoop
+from lm.train import train
 
 from helpers import REPO, tiny_overrides, train_config
 

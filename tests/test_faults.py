@@ -142,6 +142,7 @@ import hashlib  # noqa: E402
 
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
+from lm import step as step_module  # noqa: E402
 from lm import train as train_module  # noqa: E402
 
 
@@ -228,7 +229,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tiny_corpus, tmp_path, monk
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_module, "fault_point", twice)
+    monkeypatch.setattr(step_module, "fault_point", twice)  # the step's own fault point
     got, err = _entry([*tiny_overrides(tiny_corpus), f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
     assert got == 130, err
     _one_line(err, "stopped by SIGINT (Ctrl-C)")

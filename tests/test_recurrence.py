@@ -184,6 +184,23 @@ def test_build_name_depends_on_the_source_and_the_cpu(monkeypatch):
     assert kernels.build_name() != name and kernels.build_name().startswith("lm_fused_")
 
 
+def test_every_checkout_builds_from_one_copy_of_the_source(tmp_path, monkeypatch):
+    """The build reads the source from its own folder, written once: a second checkout (another path,
+    the same source) finds the build up to date instead of rebuilding it under the first one's runs."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    loads = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LM_FUSED", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(kwargs) or "module")
+    assert kernels.fused.__wrapped__() == "module"
+    copy = tmp_path / kernels.build_name() / kernels.SOURCE.name
+    assert loads[0]["sources"] == [str(copy)] and copy.read_text() == kernels.SOURCE.read_text()
+    written = copy.stat().st_mtime_ns
+    kernels.fused.__wrapped__()
+    assert loads[1]["sources"] == [str(copy)] and copy.stat().st_mtime_ns == written  # not rewritten: nothing to rebuild
+
+
 # ---------------------------------------------------------------- the GPU path: window_loop under torch.compile
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lm.train as train_module
+import lm.step as step_module
 from lm.checkpoint import load_checkpoint
 from lm.config import compose
 from lm.config import ConfigError
 from lm.data import bptt_windows
 from lm.model import LSTMLanguageModel
 from lm.checkpoint import RunFolderError
-from lm.train import learning_rate, preflight, train, train_epoch
+from lm.step import learning_rate, train_epoch
+from lm.train import preflight, train
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -82,7 +83,7 @@ def test_missing_detach_would_be_caught(monkeypatch):
     windows = bptt_windows(torch.randint(0, 20, (2, 13)), 4)
     model = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
     train_epoch(model, windows, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=5.0)
-    monkeypatch.setattr(train_module, "detach_state", lambda state: state)
+    monkeypatch.setattr(step_module, "detach_state", lambda state: state)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         train_epoch(model, windows, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=5.0)
 

@@ -1,0 +1,222 @@
+"""The paper's training step and one epoch of it, free of any run's bookkeeping.
+
+One window: forward (under autocast for bf16), the cross-entropy summed over the window and
+averaged over the batch, backward, global L2 clipping, plain SGD (plus an optional weight
+shrink, for Gal's recipe). One epoch: that step over the windows in order, with the hidden
+state carried (detached) between them and a host sync only every ``log_every`` steps.
+``lm.train`` builds a run around these; scripts (``bench``, ``profile``) call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from lm.config import OptimConfig
+from lm.faults import NonFiniteError, fault_point
+from lm.loss import WindowLoss
+from lm.model import LSTMLanguageModel, State, detach_state
+
+
+def learning_rate(epoch: int, optim: OptimConfig) -> float:
+    """The lr of 0-based ``epoch``.
+
+    tf  (TF tutorial): lr * decay ** max(epoch + 1 - decay_start_epoch, 0),
+        i.e. ``decay_start_epoch`` epochs at the full lr, as the paper states.
+    lua (authors' code): decays one epoch later.
+    """
+    shift = 1 if optim.decay_convention == "tf" else 0
+    return optim.lr * optim.lr_decay ** max(epoch + shift - optim.decay_start_epoch, 0)
+
+
+# ---------------------------------------------------------------- one window, one epoch
+
+
+@dataclass(frozen=True)
+class StepRecipe:
+    """How every window of a run is trained (the paper's step and its options)."""
+
+    max_grad_norm: float  # global L2 norm the gradients are clipped to
+    weight_decay: float = 0.0  # fraction of every weight removed after each step, independent of the lr
+    autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
+    skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
+    objective: torch.nn.Module | None = None  # the model's WindowLoss, wrapped in DistributedDataParallel under torchrun
+
+
+@dataclass(frozen=True)
+class EpochLoop:
+    """Where one call of ``train_epoch`` stops, and whom it tells how it goes."""
+
+    max_steps: int | None = None  # steps of this call
+    should_stop: Callable[[], bool] = lambda: False  # asked before every ``stop_every``-th step
+    stop_every: int = 1  # steps between stop checks (each is a collective, with a host sync, under torchrun)
+    epoch: int = 1  # 1-based, for messages
+    step_offset: int = 0  # optimizer steps before this call: steps are numbered globally
+    log_every: int = 100  # steps between host syncs: the non-finite check and ``on_log``
+    on_log: Callable[[int, float, float], None] | None = None  # (step, mean training NLL so far, grad norm)
+    bar: Any = None  # a progress bar, advanced by the tokens of each step
+
+    def keeps_going(self, steps_here: int) -> bool:
+        if self.max_steps is not None and steps_here >= self.max_steps:
+            return False
+        return steps_here % self.stop_every != 0 or not self.should_stop()
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands; saved in a checkpoint when training stops mid-epoch."""
+
+    window: int = 0  # index of the next window to train on
+    nll: float = 0.0  # summed training NLL so far (nats)
+    tokens: int = 0
+    steps: int = 0
+    skipped: int = 0  # non-finite steps skipped (trainer.nonfinite=skip)
+    norm_sum: float = 0.0
+    seconds: float = 0.0
+    state: State | None = None  # hidden state carried into the next window
+
+    @property
+    def grad_norm(self) -> float:
+        return self.norm_sum / max(self.steps - self.skipped, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
+        return cls(**d)
+
+
+class StepResult(NamedTuple):
+    loss_sum: torch.Tensor  # summed over the window's tokens (nats), detached
+    grad_norm: torch.Tensor  # before clipping, detached
+    finite: torch.Tensor  # both of the above finite (a tensor: no host sync)
+    state: State  # carried into the next window
+    applied: bool  # False for a skipped non-finite step
+
+
+def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe) -> StepResult:
+    """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update.
+    ``objective`` is the model's ``WindowLoss`` (under torchrun wrapped in DistributedDataParallel,
+    whose backward averages the gradients across processes)."""
+    state = detach_state(state)
+    with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
+        loss_sum, state = objective(x, y, state)  # the decoder and the loss fused on CPU
+    (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    applied = not (recipe.skip_nonfinite and not bool(finite))
+    if applied:
+        clipped_step(optimizer, params, grad_norm, recipe.max_grad_norm)
+        shrink_weights(params, recipe.weight_decay)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum.detach(), grad_norm.detach(), finite, state, applied)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
+                 max_norm: float) -> None:
+    """The optimizer's step on gradients clipped to a global L2 norm of ``max_norm`` (torch's rule).
+
+    On CPU the clip factor is folded into the step's learning rate (reading the norm there costs no
+    device sync), which saves a pass over every gradient; on a GPU the gradients are scaled in place,
+    without a sync.
+    """
+    if grad_norm.device.type != "cpu":
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
+        optimizer.step()
+        return
+    scale = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr * scale
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+
+def shrink_weights(params: list[torch.nn.Parameter], fraction: float) -> None:
+    """w -= fraction * w, not scaled by the lr (Gal & Ghahramani's Lua code; SGD's own option would scale it)."""
+    if fraction:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.0 - fraction)
+
+
+def train_epoch(
+    model: LSTMLanguageModel,
+    windows: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    recipe: StepRecipe | float | None = None,
+    progress: EpochProgress | None = None,
+    loop: EpochLoop | None = None,
+    **fields: Any,
+) -> EpochProgress:
+    """Train on ``windows`` from ``progress.window`` on; returns where it stopped.
+
+    Stops at the end of the windows, after ``loop.max_steps`` steps of this call, or at the first
+    step boundary after ``loop.should_stop()`` turns true. The host syncs only every
+    ``loop.log_every`` steps (and per step with ``recipe.skip_nonfinite``). Short form for scripts
+    and tests: a number as ``recipe`` is its ``max_grad_norm``, and a field of either object can be
+    given by name, e.g. ``train_epoch(model, windows, opt, 5.0, autocast_dtype=torch.bfloat16)``.
+    """
+    recipe, loop = _epoch_options(recipe, loop, fields)
+    progress = progress or EpochProgress()
+    model.train()
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    objective = recipe.objective if recipe.objective is not None else WindowLoss(model)
+    state = progress.state if progress.state is not None else model.init_state(windows[0][0].size(0))
+    nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
+    norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
+    first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
+    steps_here, start = 0, time.perf_counter()
+    while progress.window < len(windows) and loop.keeps_going(steps_here):
+        x, y = (t.to(device, non_blocking=True) for t in windows[progress.window])
+        progress.window += 1
+        progress.steps += 1
+        steps_here += 1
+        step = loop.step_offset + steps_here
+        result = train_step(objective, params, optimizer, x, y, state, recipe)
+        state = result.state
+        if not result.applied:
+            progress.skipped += 1
+            continue
+        first_bad = torch.where((first_bad < 0) & ~result.finite, step, first_bad)
+        nll += result.loss_sum.double()
+        norm_sum += result.grad_norm.double()
+        progress.tokens += y.numel()
+        fault_point("step", step)
+        if loop.bar is not None:
+            loop.bar.update(y.numel())
+        if steps_here % loop.log_every == 0:
+            _raise_if_nonfinite(first_bad, loop.epoch)
+            if loop.on_log is not None:
+                loop.on_log(step, float(nll) / max(progress.tokens, 1), float(result.grad_norm))
+    _raise_if_nonfinite(first_bad, loop.epoch)
+    progress.nll, progress.norm_sum = float(nll), float(norm_sum)
+    progress.seconds += time.perf_counter() - start
+    progress.state = detach_state(state)
+    return progress
+
+
+def _epoch_options(recipe: StepRecipe | float | None, loop: EpochLoop | None, fields: dict[str, Any]) -> tuple[StepRecipe, EpochLoop]:
+    """``train_epoch``'s arguments as the two objects (see its short form)."""
+    own = {k: fields.pop(k) for k in list(fields) if k in StepRecipe.__dataclass_fields__}
+    if isinstance(recipe, StepRecipe):
+        recipe = dataclasses.replace(recipe, **own)
+    else:
+        recipe = StepRecipe(**({} if recipe is None else {"max_grad_norm": recipe}), **own)
+    return recipe, dataclasses.replace(loop or EpochLoop(), **fields)
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad)  # a host sync
+    if bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient norm at epoch {epoch}, step {bad}")
