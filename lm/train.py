@@ -1,10 +1,11 @@
 """Training: ``python -m lm.train experiment=zaremba_small`` (any key overridable).
 
-The loop is the paper's: cross-entropy summed over the BPTT window and
-averaged over the batch (so lr 1 and clip 5 mean what they meant there),
-global grad-norm clipping, plain SGD, an lr that is a pure function of the
-epoch, and a hidden state carried (detached) across windows and reset at each
-epoch and evaluation.
+A run around the paper's step (``lm.step``: cross-entropy summed over the BPTT window
+and averaged over the batch, so lr 1 and clip 5 mean what they meant there; global
+grad-norm clipping; plain SGD; an lr that is a pure function of the epoch): it claims
+its folder, continues from a checkpoint when asked, trains epoch by epoch with the
+hidden state reset at each epoch and evaluation, checkpoints atomically after each
+epoch and on a stop signal, and ends with the final evaluation and ``metrics.json``.
 """
 
 from __future__ import annotations
