@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lm.reproduce import plan, reproduce, status
+from lm import reproduce as reproduce_module
+from lm.reproduce import Step, core_sets, execute, plan, reproduce, status
 
 from helpers import REPO
 
@@ -71,6 +72,26 @@ def test_a_failed_step_stops_the_plan_with_its_log_named(tiny_corpus: Path, tmp_
     assert "start: train zaremba_small seed 2" not in captured.out  # nothing new after a failure
     assert "optim.lr" in (root / "logs" / "train_zaremba_small_seed_1.log").read_text()
     assert "not done: train zaremba_small seed 1, train zaremba_small seed 2, average 2 zaremba_small models" in captured.err
+
+
+def test_jobs_get_disjoint_cores(monkeypatch):
+    monkeypatch.setattr(reproduce_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
+    assert core_sets(2, 2) == [(0, 1), (2, 3)] and core_sets(5, 1) == [(0,), (1,), (2,), (3,), (5,)]
+    assert core_sets(3, 2) == [] and core_sets(1, 4) == []  # too few cores; one job is not pinned
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores and Linux")
+def test_each_running_step_is_pinned_to_its_own_core(tmp_path: Path, capsys):
+    """Three steps, two at a time, one thread each: the two that run together never share a core,
+    and the third takes the core its predecessor freed."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    report = "import json, os, sys, time; time.sleep(0.5); open(sys.argv[1], 'w').write(json.dumps(sorted(os.sched_getaffinity(0))))"
+    steps = [Step(f"step {k}", [sys.executable, "-c", report, str(tmp_path / f"{k}.json")], tmp_path / f"{k}.json", "threads={}")
+             for k in range(3)]
+    assert execute(steps, 2, 1, tmp_path / "logs") == []
+    seen = [json.loads((tmp_path / f"{k}.json").read_text()) for k in range(3)]
+    assert sorted(seen[0] + seen[1]) == cores and seen[2] in ([cores[0]], [cores[1]])
+    assert "start: step 0 (1 thread, core " in capsys.readouterr().out
 
 
 def test_train_arg_may_not_set_what_each_step_sets():
