@@ -119,8 +119,8 @@ class Running:
 def core_sets(jobs: int, threads: int) -> list[tuple[int, ...]]:
     """One set of ``threads`` cores per job, disjoint, from the cores this process may use; [] where
     there are too few of them or no way to pin (not Linux). Pinned, a job's threads never share a
-    core with another job's: measured on 2 cores, a 2-thread training that shares them with any other
-    process trains at about half its rate, and two 1-thread ones left to the scheduler disturb each other."""
+    core with another job's (measured on 2 cores: a 2-thread training that shares them with any
+    other process trains at about half its rate)."""
     if jobs < 2 or not hasattr(os, "sched_setaffinity"):
         return []
     cores = sorted(os.sched_getaffinity(0))
