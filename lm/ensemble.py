@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from lm.cli import ArgumentParser, check_output_folder, guarded, non_negative_in
 from lm.config import TrainConfig, validate_saved
 from lm.data import batchify
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
-from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, load_user_data, select_device
+from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, hardware, load_user_data, select_device
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -81,6 +82,7 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
         print(text, flush=True)
         lines.append(text)
 
+    start = time.perf_counter()
     members = []
     for path, model in zip(checkpoints, models) if with_members else ():
         member_results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
@@ -104,6 +106,9 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "device": str(device),
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,  # the evaluations (members', if asked, and the average's)
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / ENSEMBLE_NAME, report)

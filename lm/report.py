@@ -144,7 +144,7 @@ def _hardware(m: dict[str, Any]) -> str:
     """Where a run trained: the GPU, or the CPU model with its bf16 instructions and threads
     (runs from before metrics.json recorded the model say so)."""
     hw = m.get("hardware") or {}
-    if m["device"].startswith("cuda"):
+    if m.get("device", "cpu").startswith("cuda"):
         return hw.get("gpu") or m["device"]
     threads = f"{m['threads']} thr" if "threads" in m else ""
     if not hw.get("cpu"):
@@ -248,8 +248,9 @@ def paper_average(experiment: str | None, n_models: int) -> str:
 
 def ensemble_table(ensembles: list[Run]) -> str:
     header = (
-        "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | paper, same number of models: valid / test |\n"
-        "|---|---|---|---|---|---|"
+        "| ensemble | models | valid (batched) | test (paper protocol) | test (batched) | eval min | hardware "
+        "| paper, same number of models: valid / test |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for e in sorted(ensembles, key=lambda e: (e.name, e.metrics["n_models"], e.path.as_posix())):
@@ -257,7 +258,8 @@ def ensemble_table(ensembles: list[Run]) -> str:
         paper = paper_average(ensemble_experiment(e), m["n_models"])
         rows.append(
             f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
-            f"{_fmt(m['results']['test']['batched']['ppl'])} | {paper} |"
+            f"{_fmt(m['results']['test']['batched']['ppl'])} | {_minutes(m['seconds']) if 'seconds' in m else ''} | {_hardware(m)} "
+            f"| {paper} |"
         )
     return "\n".join([header, *rows])
 

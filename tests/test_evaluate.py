@@ -111,7 +111,10 @@ def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
     members = [m["results"]["test"]["stream"]["ppl"] for m in report["members"]]
     assert report["n_models"] == 2 and report["test_ppl"] < max(members)
     assert (tmp_path / "results" / "ensemble" / "ensemble.log").exists()
-    assert "## Model averaging" in write_report(tmp_path / "results", plots=False)
+    assert report["seconds"] > 0 and report["threads"] == torch.get_num_threads() and "cpu" in report["hardware"]
+    text = write_report(tmp_path / "results", plots=False)
+    row = next(line for line in text.splitlines() if line.startswith("| `ensemble`"))
+    assert f"| {report['seconds'] / 60:.1f} | " in row and f"{report['threads']} thr |" in row  # how long, on what
     with pytest.raises(CheckpointError, match="at least 2"):
         run_ensemble([second / "checkpoint.pt"], tmp_path / "x")
 
