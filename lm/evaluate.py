@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +26,7 @@ from lm.cli import run_hydra
 from lm.config import ConfigError, validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
-from lm.runtime import build_model_from_checkpoint, fp32_products, load_user_data, select_device
+from lm.runtime import build_model_from_checkpoint, fp32_products, git_commit, hardware, load_user_data, select_device
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +195,17 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     for split in ("valid", "test"):  # before the work: a split too short for the batch size
         batchify(corpus.split(split), batch_size)
     with fp32_products(train_cfg.trainer.tf32):  # on a GPU, the products the run was trained and validated with
+        start = time.perf_counter()
         results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
+        seconds = time.perf_counter() - start
         print(format_results(results))
-        mc_results = None
+        mc = None
         if ecfg.eval.mc_samples:
             torch.manual_seed(ecfg.eval.mc_seed)
+            start = time.perf_counter()
             mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
+            mc = {"samples": ecfg.eval.mc_samples, "seed": ecfg.eval.mc_seed, "results": mc_results,
+                  "seconds": time.perf_counter() - start}
             print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ckpt_path),
@@ -208,7 +214,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "bptt": bptt,
         "protocols": PROTOCOL_DESCRIPTIONS,
         "results": results,
-        "mc_dropout": None if mc_results is None else {"samples": ecfg.eval.mc_samples, "seed": ecfg.eval.mc_seed, "results": mc_results},
+        "mc_dropout": mc,
+        "seconds": seconds,  # the standard evaluation; the MC one's is in mc_dropout
+        "device": str(device),
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
     }
     atomic_write_json(output, report)
     print(f"wrote {output}")

@@ -280,12 +280,13 @@ def mc_dropout_table(evals: list[Run], runs: list[Run]) -> str | None:
         rows.append(
             f"| `{e.path.as_posix()}` | {experiment or ''} | {mc['samples']} | {_fmt(std['valid']['batched']['ppl'])} | "
             f"{_fmt(mc_res['valid']['batched']['ppl'])} | {_fmt(std['test']['stream']['ppl'])} | {_fmt(mc_res['test']['stream']['ppl'])} | "
-            f"{'' if paper is None else f'{paper:.1f}'} |"
+            f"{'' if paper is None else f'{paper:.1f}'} | {_minutes(mc['seconds']) if 'seconds' in mc else ''} | {_hardware(e.metrics)} |"
         )
     if not rows:
         return None
-    header = ("| run | experiment | samples | valid | valid (MC) | test (paper protocol) | test (MC) | paper test (MC) |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = ("| run | experiment | samples | valid | valid (MC) | test (paper protocol) | test (MC) | paper test (MC) "
+              "| MC eval min | hardware |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([header, *rows])
 
 

@@ -66,6 +66,23 @@ def test_evaluate_command_matches_training_numbers(tiny_run: Path):
     assert json.loads(out.read_text())["results"]["test"]["stream"]["tokens"] == metrics["test_predictions"]
 
 
+def test_mc_evaluation_records_its_time_and_hardware_and_the_report_shows_them(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    from lm.report import write_report
+
+    run = tmp_path / "results" / "run"
+    shutil.copytree(tiny_run / "out", run)
+    report = run_evaluation(compose("evaluate", [f"checkpoint={run}", f"data_dir={tiny_run / 'corpus'}", "device=cpu",
+                                                 "eval.mc_samples=3"]))
+    mc = report["mc_dropout"]
+    assert mc["samples"] == 3 and mc["seconds"] > 0 and report["seconds"] > 0
+    assert report["threads"] == torch.get_num_threads() and "cpu" in report["hardware"] and report["device"] == "cpu"
+    assert json.loads((run / "eval.json").read_text())["mc_dropout"]["seconds"] == mc["seconds"]
+    row = next(line for line in write_report(tmp_path / "results", plots=False).splitlines() if line.startswith("| `run` |  | 3 | "))  # the MC table: no paper experiment, 3 samples
+    assert row.endswith(f"| {mc['seconds'] / 60:.1f} | {report['hardware']['cpu']}, {report['hardware']['cpu_bf16']}, {report['threads']} thr |")
+
+
 def test_checkpoint_of_another_vocabulary_is_refused(tiny_run: Path, tmp_path: Path):
     other = write_corpus(tmp_path / "other", seed=1)
     (other / "train.txt").write_text((other / "train.txt").read_text() + " brand new words\n")
