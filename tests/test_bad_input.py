@@ -657,9 +657,11 @@ def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "evaluate_all", evaluate_then_signal)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    if sig != "SIGINT":
-        signal.signal(signum, signal.SIG_DFL)  # as in a fresh process: the boundary's handler takes over
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    # as in a fresh process started from a terminal: the boundary's handler takes over SIGTERM and
+    # SIGUSR1, and Ctrl-C raises KeyboardInterrupt (pytest started in the background by a script
+    # inherits SIGINT ignored, which Python then keeps)
+    signal.signal(signum, signal.default_int_handler if sig == "SIGINT" else signal.SIG_DFL)
     try:
         code, err = run_cli(evaluate_module._hydra_entry, [f"checkpoint={world['run'] / 'checkpoint.pt'}", f"data_dir={world['good']}",
                                                            f"output={tmp_path / 'e.json'}"], monkeypatch, capsys)
