@@ -21,7 +21,7 @@ from lm.cli import ArgumentParser, check_output_folder, guarded, non_negative_in
 from lm.config import TrainConfig, validate_saved
 from lm.data import batchify
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
-from lm.runtime import build_model_from_checkpoint, check_vocab, git_commit, hardware, load_user_data, select_device
+from lm.runtime import build_model_from_checkpoint, check_vocab, load_user_data, provenance, select_device
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -103,11 +103,7 @@ def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None
         "test_ppl": results["test"]["stream"]["ppl"],
         "results": results,
         "members": members,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "device": str(device),
-        "hardware": hardware(device),
-        "threads": torch.get_num_threads(),
+        **provenance(device),
         "seconds": time.perf_counter() - start,  # the evaluations (members', if asked, and the average's)
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from lm.cli import run_hydra
 from lm.config import ConfigError, validate_eval, validate_saved
 from lm.data import Corpus, batchify, bptt_windows
 from lm.model import LSTMLanguageModel
-from lm.runtime import build_model_from_checkpoint, fp32_products, git_commit, hardware, load_user_data, select_device
+from lm.runtime import build_model_from_checkpoint, fp32_products, load_user_data, provenance, select_device
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +216,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "results": results,
         "mc_dropout": mc,
         "seconds": seconds,  # the standard evaluation; the MC one's is in mc_dropout
-        "device": str(device),
-        "hardware": hardware(device),
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
+        **provenance(device),
     }
     atomic_write_json(output, report)
     print(f"wrote {output}")

@@ -136,8 +136,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f}"
+def _minutes(seconds: float | None) -> str:
+    """Minutes to one decimal; blank for records from before their time was kept."""
+    return "" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def _hardware(m: dict[str, Any]) -> str:
@@ -258,7 +259,7 @@ def ensemble_table(ensembles: list[Run]) -> str:
         paper = paper_average(ensemble_experiment(e), m["n_models"])
         rows.append(
             f"| `{e.path.as_posix()}` ({e.name}) | {m['n_models']} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
-            f"{_fmt(m['results']['test']['batched']['ppl'])} | {_minutes(m['seconds']) if 'seconds' in m else ''} | {_hardware(m)} "
+            f"{_fmt(m['results']['test']['batched']['ppl'])} | {_minutes(m.get('seconds'))} | {_hardware(m)} "
             f"| {paper} |"
         )
     return "\n".join([header, *rows])
@@ -280,7 +281,7 @@ def mc_dropout_table(evals: list[Run], runs: list[Run]) -> str | None:
         rows.append(
             f"| `{e.path.as_posix()}` | {experiment or ''} | {mc['samples']} | {_fmt(std['valid']['batched']['ppl'])} | "
             f"{_fmt(mc_res['valid']['batched']['ppl'])} | {_fmt(std['test']['stream']['ppl'])} | {_fmt(mc_res['test']['stream']['ppl'])} | "
-            f"{'' if paper is None else f'{paper:.1f}'} | {_minutes(mc['seconds']) if 'seconds' in mc else ''} | {_hardware(e.metrics)} |"
+            f"{'' if paper is None else f'{paper:.1f}'} | {_minutes(mc.get('seconds'))} | {_hardware(e.metrics)} |"
         )
     if not rows:
         return None

@@ -66,6 +66,12 @@ def hardware(device: torch.device) -> dict[str, str | None]:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
+def provenance(device: torch.device) -> dict[str, Any]:
+    """What every written result records about where it was made: code, library, device, hardware, threads."""
+    return {"torch_version": torch.__version__, "git_commit": git_commit(), "device": str(device),
+            "hardware": hardware(device), "threads": torch.get_num_threads()}
+
+
 def load_data(data: DataConfig) -> Corpus:
     """The corpus a training config names (PTB is downloaded if allowed, and MD5-checked)."""
     folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")

@@ -52,7 +52,7 @@ from lm.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_po
 from lm.evaluate import PROTOCOL_DESCRIPTIONS, evaluate, evaluate_all, perplexity
 from lm.loss import WindowLoss
 from lm.model import LSTMLanguageModel, count_parameters
-from lm.runtime import check_vocab, fp32_products, git_commit, hardware, load_data, precision_record, select_device
+from lm.runtime import check_vocab, fp32_products, load_data, precision_record, provenance, select_device
 from lm.step import EpochLoop, EpochProgress, StepRecipe, learning_rate, train_epoch
 
 log = logging.getLogger("lm.train")
@@ -555,12 +555,8 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "seed": run.cfg.trainer.seed,
         "config": run.config_dict,
         "overrides": run.overrides,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "device": str(run.device),
+        **provenance(run.device),
         "precision": precision_record(run.device, run.cfg.trainer.precision, run.cfg.trainer.tf32),
-        "hardware": hardware(run.device),
-        "threads": torch.get_num_threads(),
         "processes": run.group.world_size,
         "platform": platform.platform(),
     }
