@@ -583,7 +583,8 @@ def preflight(cfg: DictConfig) -> None:
     select_device(c.trainer.device)  # cuda without a GPU
     run_dir = Path(cfg.hydra.run.dir)
     check_output_folder(run_dir, "hydra.run.dir", ConfigError)
-    RunFolderLock.check_free(run_dir)  # a run in progress there: say so, whatever the folder holds yet
+    if launch_rank() == 0:  # a run in progress there: say so (the other ranks of a torchrun job find rank 0's own lock)
+        RunFolderLock.check_free(run_dir)
     resume_from = claim_run_folder(run_dir, c.trainer)
     if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
         check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from)

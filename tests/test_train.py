@@ -251,6 +251,19 @@ def test_finished_run_is_not_overwritten(tiny_corpus, tmp_path):
     preflight(compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}", "trainer.overwrite=true"), return_hydra_config=True))
 
 
+def test_only_rank_0_refuses_a_locked_folder_before_training(tiny_corpus, tmp_path, monkeypatch):
+    """Under torchrun, rank 0 may already hold the run's lock when another rank's preflight runs:
+    that rank must not take it for another run (the lock is rank 0's, one per run)."""
+    from lm.checkpoint import RunFolderLock
+
+    cfg = compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={tmp_path / 'run'}"), return_hydra_config=True)
+    with RunFolderLock(tmp_path / "run"):
+        with pytest.raises(RunFolderError, match="in use by another run"):
+            preflight(cfg)
+        monkeypatch.setenv("RANK", "1")
+        preflight(cfg)
+
+
 def test_cli_trains_end_to_end(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = _run_cli(["lm.train", *tiny_overrides(tiny_corpus, "trainer.max_steps=4"), f"hydra.run.dir={run_dir}"], cwd=REPO)
