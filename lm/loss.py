@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm import kernels
+from lm.weight_copies import product_weight
 
 
 class FusedLinearNLL(torch.autograd.Function):
@@ -41,12 +42,13 @@ def summed_nll(decoder: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) 
     softmax in fp32, as in the unfused path.
     """
     flat, y = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
-    if not kernels.available(hidden.device):
-        return F.cross_entropy(decoder(flat).float(), y, reduction="sum")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    if not kernels.available(hidden.device):
+        logits = F.linear(flat, product_weight(decoder.weight, dtype), decoder.bias)
+        return F.cross_entropy(logits.float(), y, reduction="sum")
     with torch.autocast(device, enabled=False):
-        return FusedLinearNLL.apply(flat.to(dtype), decoder.weight.to(dtype), decoder.bias, y)
+        return FusedLinearNLL.apply(flat.to(dtype), product_weight(decoder.weight, dtype), decoder.bias, y)
 
 
 class WindowLoss(nn.Module):

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from lm import kernels
+from lm.weight_copies import product_weight
 
 log = logging.getLogger("lm.recurrence")
 
@@ -187,17 +188,21 @@ def lstm_window(
     device = x.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
     w_hh = layer.weight_hh_l0 if w_hh is None else w_hh
-    x_proj = torch.nn.functional.linear(x, layer.weight_ih_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
+    w_ih = product_weight(layer.weight_ih_l0, compute_dtype)  # its bf16 copy during bf16 training on CPU
+    x_proj = torch.nn.functional.linear(x, w_ih, layer.bias_ih_l0 + layer.bias_hh_l0)
     h0, c0 = state[0][0].float().contiguous(), state[1][0].float().contiguous()
     if kernels.available(x.device):
         with torch.autocast(device, enabled=False):
             mask = None if h_mask is None else h_mask.float().contiguous()
-            out, h, c = FusedLSTMWindow.apply(x_proj.to(compute_dtype).contiguous(), h0, c0, w_hh.to(compute_dtype), mask)
+            w = product_weight(w_hh, compute_dtype)
+            out, h, c = FusedLSTMWindow.apply(x_proj.to(compute_dtype).contiguous(), h0, c0, w, mask)
         return out, (h.unsqueeze(0), c.unsqueeze(0))
     x_proj = x_proj.transpose(0, 1).float()
     result = None
     if x.device.type == "cuda":
         with torch.autocast(device, enabled=False):
             result = compiled_window()(x_proj, h0, c0, w_hh, None if h_mask is None else h_mask.float(), compute_dtype)
-    out, h, c = result if result is not None else LSTMWindow.apply(x_proj, h0, c0, w_hh, h_mask, compute_dtype)
+    if result is None:
+        result = LSTMWindow.apply(x_proj, h0, c0, product_weight(w_hh, compute_dtype), h_mask, compute_dtype)
+    out, h, c = result
     return out.transpose(0, 1), (h.unsqueeze(0), c.unsqueeze(0))

@@ -9,6 +9,7 @@ state carried (detached) between them and a host sync only every ``log_every`` s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lm.config import OptimConfig
 from lm.faults import NonFiniteError, fault_point
 from lm.loss import WindowLoss
 from lm.model import LSTMLanguageModel, State, detach_state
+from lm.weight_copies import WeightCopies, applies
 
 
 def learning_rate(epoch: int, optim: OptimConfig) -> float:
@@ -45,6 +47,7 @@ class StepRecipe:
     autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
     skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
     objective: torch.nn.Module | None = None  # the model's WindowLoss, wrapped in DistributedDataParallel under torchrun
+    weight_copies: bool = True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.weight_copies)
 
 
 @dataclass(frozen=True)
@@ -100,26 +103,39 @@ class StepResult(NamedTuple):
 
 
 def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe) -> StepResult:
+               x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe,
+               copies: WeightCopies | None = None) -> StepResult:
     """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update.
     ``objective`` is the model's ``WindowLoss`` (under torchrun wrapped in DistributedDataParallel,
-    whose backward averages the gradients across processes)."""
+    whose backward averages the gradients across processes); ``copies``, the bf16 weight copies
+    the products read, if any (their gradients are those weights' gradients)."""
     state = detach_state(state)
     with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
         loss_sum, state = objective(x, y, state)  # the decoder and the loss fused on CPU
     (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    grad_norm = total_grad_norm(copies.gradients(params) if copies is not None else [p.grad for p in params])
     finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
     applied = not (recipe.skip_nonfinite and not bool(finite))
     if applied:
-        clipped_step(optimizer, params, grad_norm, recipe.max_grad_norm)
+        clipped_step(optimizer, params, grad_norm, recipe.max_grad_norm, copies)
         shrink_weights(params, recipe.weight_decay)
     optimizer.zero_grad(set_to_none=True)
+    if copies is not None:
+        copies.zero_grad()
     return StepResult(loss_sum.detach(), grad_norm.detach(), finite, state, applied)
 
 
+def total_grad_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """The global L2 norm of the gradients, in fp32. torch's ``get_total_norm`` (used where every
+    gradient is fp32) would return a bf16 gradient's norm rounded to bf16."""
+    grads = [g for g in grads if g is not None]
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
-                 max_norm: float) -> None:
+                 max_norm: float, copies: WeightCopies | None = None) -> None:
     """The optimizer's step on gradients clipped to a global L2 norm of ``max_norm`` (torch's rule).
 
     On CPU the clip factor is folded into the step's learning rate (reading the norm there costs no
@@ -136,6 +152,8 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr * scale
         optimizer.step()
+        if copies is not None:
+            copies.step(optimizer)  # the weights whose gradients are their copies' (their own are None)
     finally:
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
@@ -176,29 +194,31 @@ def train_epoch(
     nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
     norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
+    use_copies = recipe.weight_copies and applies(model, optimizer, objective, recipe.autocast_dtype)
     steps_here, start = 0, time.perf_counter()
-    while progress.window < len(windows) and loop.keeps_going(steps_here):
-        x, y = (t.to(device, non_blocking=True) for t in windows[progress.window])
-        progress.window += 1
-        progress.steps += 1
-        steps_here += 1
-        step = loop.step_offset + steps_here
-        result = train_step(objective, params, optimizer, x, y, state, recipe)
-        state = result.state
-        if not result.applied:
-            progress.skipped += 1
-            continue
-        first_bad = torch.where((first_bad < 0) & ~result.finite, step, first_bad)
-        nll += result.loss_sum.double()
-        norm_sum += result.grad_norm.double()
-        progress.tokens += y.numel()
-        fault_point("step", step)
-        if loop.bar is not None:
-            loop.bar.update(y.numel())
-        if steps_here % loop.log_every == 0:
-            _raise_if_nonfinite(first_bad, loop.epoch)
-            if loop.on_log is not None:
-                loop.on_log(step, float(nll) / max(progress.tokens, 1), float(result.grad_norm))
+    with WeightCopies(model) if use_copies else contextlib.nullcontext() as copies:
+        while progress.window < len(windows) and loop.keeps_going(steps_here):
+            x, y = (t.to(device, non_blocking=True) for t in windows[progress.window])
+            progress.window += 1
+            progress.steps += 1
+            steps_here += 1
+            step = loop.step_offset + steps_here
+            result = train_step(objective, params, optimizer, x, y, state, recipe, copies)
+            state = result.state
+            if not result.applied:
+                progress.skipped += 1
+                continue
+            first_bad = torch.where((first_bad < 0) & ~result.finite, step, first_bad)
+            nll += result.loss_sum.double()
+            norm_sum += result.grad_norm.double()
+            progress.tokens += y.numel()
+            fault_point("step", step)
+            if loop.bar is not None:
+                loop.bar.update(y.numel())
+            if steps_here % loop.log_every == 0:
+                _raise_if_nonfinite(first_bad, loop.epoch)
+                if loop.on_log is not None:
+                    loop.on_log(step, float(nll) / max(progress.tokens, 1), float(result.grad_norm))
     _raise_if_nonfinite(first_bad, loop.epoch)
     progress.nll, progress.norm_sum = float(nll), float(norm_sum)
     progress.seconds += time.perf_counter() - start

@@ -188,6 +188,8 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device)
     train = interleaved_rates({
         "fp32": lambda: train_epoch(ours, windows, opt, 5.0).seconds,
         "bf16": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16).seconds,
+        # the same bf16 step casting the weights every step instead of reading copies (lm.weight_copies)
+        "bf16_casts": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16, weight_copies=False).seconds,
         "reference": lambda: reference_steps(ref, windows, hidden),
     }, tokens, reps)
     eval_ids = stream[: tokens + 1]
@@ -206,6 +208,8 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device)
         "reference_train_tokens_per_s": median(train["reference"]),
         "train_ratio": paired_ratio(train["fp32"], train["reference"]),
         "train_bf16_ratio": paired_ratio(train["bf16"], train["reference"]),
+        "train_bf16_casts_tokens_per_s": median(train["bf16_casts"]),
+        "bf16_weight_copies_speedup": paired_ratio(train["bf16"], train["bf16_casts"]),
         "eval_stream_tokens_per_s": median(evals["stream"]),
         "eval_batched_tokens_per_s": median(evals["batched"]),
         "reference_eval_batched_tokens_per_s": median(evals["reference"]),
@@ -353,6 +357,8 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
             f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {r['bf16_fraction_of_bf16_matmul_ceiling']:>9.0%}"
         )
     targets = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
+    print("bf16 step with weight copies against the same step casting the weights: " + ", ".join(
+        f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items()))
     for name, r in results.items():
         if r["host_syncs"] is not None:
             print(f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of {r['host_syncs']['windows']} training windows")

@@ -44,6 +44,7 @@ REGIONS = (  # a marker in the op's or an enclosing region's name -> category
     ("nll_loss", "loss (softmax)"),
     ("HashDropout", "dropout"),
     ("Optimizer.step", "optimizer (SGD)"),
+    ("WeightCopies.step", "optimizer (SGD)"),  # SGD on the weights with bf16 copies, the copies rewritten
     ("embedding", "embedding"),
 )
 DROPOUT_OPS = {"aten::uniform_", "aten::bernoulli_", "aten::lt", "aten::div_", "aten::native_dropout",

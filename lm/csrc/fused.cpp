@@ -11,6 +11,9 @@
 // logits are written once by the product; one pass per row turns them, in place, into
 // d loss / d logits (softmax - one-hot), so the backward is two products.
 //
+// sgd_bf16_copy: the SGD update of an fp32 weight from the bf16 gradient of its bf16 copy,
+// and the copy rewritten from the new weight, in one pass (lm/weight_copies.py says why).
+//
 // dropout_forward: x * mask / keep with the mask drawn from a counter-based hash of
 // (seed, element index), so the backward regenerates it from the seed (nothing stored)
 // and any thread count draws the same mask.
@@ -442,6 +445,30 @@ at::Tensor dropout_forward(const at::Tensor& x, double keep, int64_t seed, int64
   return out;
 }
 
+// ---------------------------------------------------------------- SGD with a bf16 weight copy
+
+void sgd_bf16_range(float* __restrict w, const bf16_bits* __restrict g, bf16_bits* __restrict copy, int64_t begin,
+                    int64_t end, float alpha) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = std::fma(alpha, to_float(g[i]), w[i]);  // torch's add_(g, alpha=alpha): one rounding
+    w[i] = v;
+    copy[i] = from_float<bf16_bits>(v);
+  }
+}
+
+// w += alpha * g, then copy = bf16(w); w fp32, g and copy bf16, all contiguous and the same size.
+void sgd_bf16_copy(const at::Tensor& w, const at::Tensor& g, const at::Tensor& copy, double alpha) {
+  check(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(), "contiguous fp32 CPU weight");
+  check(g.scalar_type() == at::kBFloat16 && g.is_contiguous() && g.numel() == w.numel(), "contiguous bf16 gradient of the weight's size");
+  check(copy.scalar_type() == at::kBFloat16 && copy.is_contiguous() && copy.numel() == w.numel(), "contiguous bf16 copy of the weight's size");
+  float* wp = w.data_ptr<float>();
+  const bf16_bits* gp = data<bf16_bits>(g);
+  bf16_bits* cp = data<bf16_bits>(copy);
+  const float a = static_cast<float>(alpha);
+  at::parallel_for(0, w.numel(), 1 << 15, [&](int64_t b, int64_t e) { sgd_bf16_range(wp, gp, cp, b, e, a); });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -449,4 +476,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward, "LSTM layer over a window, backward");
   m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, offset + index)");
   m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
+  m.def("sgd_bf16_copy", &sgd_bf16_copy, "w += alpha * g (g bf16), then copy = bf16(w), in one pass");
 }
