@@ -21,7 +21,7 @@ from lm.config import OptimConfig
 from lm.faults import NonFiniteError, fault_point
 from lm.loss import WindowLoss
 from lm.model import LSTMLanguageModel, State, detach_state
-from lm.weight_copies import WeightCopies, applies
+from lm.weight_copies import WeightCopies, applies, fp32_norm
 
 
 def learning_rate(epoch: int, optim: OptimConfig) -> float:
@@ -126,12 +126,13 @@ def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], opt
 
 
 def total_grad_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
-    """The global L2 norm of the gradients, in fp32. torch's ``get_total_norm`` (used where every
-    gradient is fp32) would return a bf16 gradient's norm rounded to bf16."""
+    """The global L2 norm of the gradients, in fp32: torch's ``get_total_norm`` where every gradient
+    is fp32; with the bf16 gradients of weight copies, each one's norm from ``lm.weight_copies``
+    (torch's would be rounded to bf16, or made from an fp32 copy of the gradient)."""
     grads = [g for g in grads if g is not None]
     if all(g.dtype == torch.float32 for g in grads):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack([fp32_norm(g) for g in grads]))
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,

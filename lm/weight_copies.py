@@ -53,6 +53,14 @@ def product_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return copy.tensor
 
 
+def fp32_norm(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient's L2 norm as an fp32 scalar, accumulated in fp32 or wider; a bf16 one is read once
+    as it is (the kernel), not copied to fp32 first as ``vector_norm(..., dtype=float32)`` does."""
+    if grad.dtype == torch.bfloat16 and grad.is_contiguous() and kernels.available(grad.device):
+        return torch.tensor(kernels.fused().bf16_sum_squares(grad), dtype=torch.float64).sqrt().float()
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+
 def product_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The weights that enter bf16 products as whole matrices: each layer's input and recurrent
     weights (a weight-dropped recurrent weight is computed anew each step: not that one) and the

@@ -139,3 +139,16 @@ def test_bf16_training_stopped_mid_epoch_and_resumed_is_bit_identical(tiny_corpu
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["test_ppl"] == resumed["test_ppl"]
+
+
+def test_the_norm_of_a_bf16_gradient_is_accumulated_in_fp32(path):
+    """The clip norm of a copy's bf16 gradient: the kernel reads it once as bf16 (no fp32 copy),
+    the fallback copies; both agree with the fp32 norm of the same values, not bf16's rounding."""
+    from lm.weight_copies import fp32_norm
+
+    torch.manual_seed(0)
+    grad = (torch.randn(300, 1001) * 3).to(BF16)
+    exact = torch.linalg.vector_norm(grad.double()).item()
+    norm = fp32_norm(grad)
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(exact, rel=1e-4)  # fp32 sums (torch: 1e-5 off)
+    assert torch.linalg.vector_norm(grad).item() != pytest.approx(exact, rel=1e-4)  # what torch's own would give

@@ -12,7 +12,8 @@
 // d loss / d logits (softmax - one-hot), so the backward is two products.
 //
 // sgd_bf16_copy: the SGD update of an fp32 weight from the bf16 gradient of its bf16 copy,
-// and the copy rewritten from the new weight, in one pass (lm/weight_copies.py says why).
+// and the copy rewritten from the new weight, in one pass (lm/weight_copies.py says why);
+// bf16_sum_squares: that gradient's squared norm for the clip, read once in bf16.
 //
 // dropout_forward: x * mask / keep with the mask drawn from a counter-based hash of
 // (seed, element index), so the backward regenerates it from the seed (nothing stored)
@@ -469,6 +470,32 @@ void sgd_bf16_copy(const at::Tensor& w, const at::Tensor& g, const at::Tensor& c
   at::parallel_for(0, w.numel(), 1 << 15, [&](int64_t b, int64_t e) { sgd_bf16_range(wp, gp, cp, b, e, a); });
 }
 
+// The sum of squares of a bf16 tensor, accumulated in fp32 within fixed blocks and in double across
+// them (the same at any thread count), without an fp32 copy of the tensor: the clip norm of the
+// bf16 gradients (torch's norm returns a bf16 tensor's norm rounded to bf16, or copies it to fp32 first).
+double bf16_sum_squares(const at::Tensor& g) {
+  check(g.device().is_cpu() && g.scalar_type() == at::kBFloat16 && g.is_contiguous(), "contiguous bf16 CPU tensor");
+  constexpr int64_t block = 1 << 14;
+  const int64_t n = g.numel(), blocks = (n + block - 1) / block;
+  const bf16_bits* gp = data<bf16_bits>(g);
+  std::vector<float> partial(blocks);
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float s = 0.0f;
+      const int64_t end = std::min(n, (b + 1) * block);
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = b * block; i < end; ++i) {
+        const float v = to_float(gp[i]);
+        s += v * v;
+      }
+      partial[b] = s;
+    }
+  });
+  double total = 0.0;
+  for (float s : partial) total += s;
+  return total;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -477,4 +504,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, offset + index)");
   m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
   m.def("sgd_bf16_copy", &sgd_bf16_copy, "w += alpha * g (g bf16), then copy = bf16(w), in one pass");
+  m.def("bf16_sum_squares", &bf16_sum_squares, "sum of squares of a bf16 tensor, accumulated in fp32/double");
 }
