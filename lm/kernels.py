@@ -51,7 +51,8 @@ def cpu_info() -> dict[str, str]:
     """The CPU model and its bf16 instructions: what every timing must be read against (AMX makes
     bf16 products about five times cheaper than AVX512-BF16 alone; without either, bf16 is emulated)."""
     flags = set(_cpu_flags().split())
-    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
+    bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "Arm BF16" if "bf16" in flags else "none")
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     family, number = _cpuinfo_field("cpu family"), _cpuinfo_field("model\t")
     if family and number:  # a VM may name only the vendor line ("AMD EPYC"): family/model tell the generation

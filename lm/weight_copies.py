@@ -7,8 +7,8 @@ large model that is about a tenth of a bf16 step on a 2-core CPU (``results/prof
 
 Here the products read a bf16 copy of the matrix that is a leaf of the graph, so its gradient
 stays bf16 (the values autocast's cast would have carried to fp32, unchanged), and one pass
-(``lm.kernels``; three PyTorch ops where the kernels are not built) applies SGD to the fp32
-weight from that gradient and rewrites the copy. The math is autocast's: the same products of
+(``lm.kernels``; two PyTorch ops, ``add_`` then ``copy_``, where the kernels are not built)
+applies SGD to the fp32 weight from that gradient and rewrites the copy. The math is autocast's: the same products of
 the same bf16 weights, the same gradients, the fp32 update as ``torch.optim.SGD`` computes it.
 The fp32 weights stay the model: checkpoints, evaluation and fp32 code never see the copies.
 

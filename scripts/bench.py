@@ -175,7 +175,8 @@ def train_flops_per_token(hidden: int) -> float:
     return 3 * 2 * (lstm + softmax)
 
 
-def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device) -> dict:
+def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device, bf16: bool = True) -> dict:
+    """Training and evaluation rates of one size; the bf16 step only where ``bf16`` (not where it is emulated)."""
     hidden, bptt, dropout, init = recipe_shapes(name)
     torch.manual_seed(0)
     stream = torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)).to(device)
@@ -185,38 +186,41 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device)
     ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init).to(device)
     opt = torch.optim.SGD(ours.parameters(), lr=1.0, foreach=True)
     ref = ReferenceLM(hidden, dropout).to(device)
-    train = interleaved_rates({
+    steps = {
         "fp32": lambda: train_epoch(ours, windows, opt, 5.0).seconds,
         "bf16": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16).seconds,
         # the same bf16 step casting the weights every step instead of reading copies (lm.weight_copies)
         "bf16_casts": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16, weight_copies=False).seconds,
         "reference": lambda: reference_steps(ref, windows, hidden),
-    }, tokens, reps)
+    }
+    if not bf16:
+        del steps["bf16"], steps["bf16_casts"]
+    train = interleaved_rates(steps, tokens, reps)
     eval_ids = stream[: tokens + 1]
     evals = interleaved_rates({
         "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500), device),
         "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt), device),
         "reference": lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden),
     }, tokens, reps)
-    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, device, reps)
+    gemms = gemm_seconds(hidden, bptt, torch.bfloat16, device, reps) if bf16 else None
     median = statistics.median
     return {
         "hidden_size": hidden,
         "bptt": bptt,
         "train_tokens_per_s": median(train["fp32"]),
-        "train_bf16_tokens_per_s": median(train["bf16"]),
+        "train_bf16_tokens_per_s": median(train["bf16"]) if bf16 else None,
         "reference_train_tokens_per_s": median(train["reference"]),
         "train_ratio": paired_ratio(train["fp32"], train["reference"]),
-        "train_bf16_ratio": paired_ratio(train["bf16"], train["reference"]),
-        "train_bf16_casts_tokens_per_s": median(train["bf16_casts"]),
-        "bf16_weight_copies_speedup": paired_ratio(train["bf16"], train["bf16_casts"]),
+        "train_bf16_ratio": paired_ratio(train["bf16"], train["reference"]) if bf16 else None,
+        "train_bf16_casts_tokens_per_s": median(train["bf16_casts"]) if bf16 else None,
+        "bf16_weight_copies_speedup": paired_ratio(train["bf16"], train["bf16_casts"]) if bf16 else None,
         "eval_stream_tokens_per_s": median(evals["stream"]),
         "eval_batched_tokens_per_s": median(evals["batched"]),
         "reference_eval_batched_tokens_per_s": median(evals["reference"]),
         "eval_stream_ratio": paired_ratio(evals["stream"], evals["reference"]),
         "repetitions": {"train": train, "eval": evals},
-        "bf16_gemm_only_tokens_per_s": BATCH * bptt / gemms["seconds"],
-        "bf16_gemm_gflops_at_step_shapes": gemms["gflops"],
+        "bf16_gemm_only_tokens_per_s": BATCH * bptt / gemms["seconds"] if bf16 else None,
+        "bf16_gemm_gflops_at_step_shapes": gemms["gflops"] if bf16 else None,
         "train_flop_per_token": train_flops_per_token(hidden),
         "eval_flop_per_token": train_flops_per_token(hidden) / 3,
         "host_syncs": host_syncs(ours, windows, opt) if device.type == "cuda" else None,
@@ -274,6 +278,8 @@ def check_targets(results: dict, fp32: float, bf16: float, bf16_isa: str = "AVX5
     for name, r in results.items():
         out.append({"target": f"{name}: ours fp32 >= 1.0x reference", "measured": r["train_ratio"], "met": r["train_ratio"] >= 1.0})
     for name, r in results.items():
+        if r["train_bf16_ratio"] is None:  # bf16 not timed (emulated on this CPU)
+            continue
         ref = r["reference_train_tokens_per_s"]
         # at the square-matmul ceiling the step's FLOPs would allow this; at the step's own shapes
         # its products alone allow the second; the rest of the step is non-product work
@@ -292,6 +298,11 @@ def check_targets(results: dict, fp32: float, bf16: float, bf16_isa: str = "AVX5
             out.append({"target": f"{name}: products fill >= {least:.0%} of the bf16 step", "measured": share,
                         "met": share >= least, "why": why})
     return out
+
+
+def _cell(value: float | None, spec: str, width: int) -> str:
+    """A table cell, '-' for a rate that was not timed."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 def _sync(device: torch.device) -> None:
@@ -334,31 +345,41 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
     windows, reps = (3, 3) if args.quick else (20, 5)
     fp32 = matmul_gflops(torch.float32, device)
     bf16 = matmul_gflops(torch.bfloat16, device)
+    cpu = kernels.cpu_info()
+    # emulated bf16 (no AVX512-BF16, AMX or Arm BF16) trains tens of times slower than fp32: timing it would
+    # take most of the bench's time to show only that, which the matmul ceilings already show
+    time_bf16 = device.type == "cuda" or cpu["bf16"] != "none"
     results = {}
     for name in sizes:
-        r = bench_size(name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device)
+        r = bench_size(name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device,
+                       bf16=time_bf16)
         r["fraction_of_fp32_matmul_ceiling"] = r["train_tokens_per_s"] * r["train_flop_per_token"] / (fp32 * 1e9)
-        r["bf16_fraction_of_bf16_matmul_ceiling"] = r["train_bf16_tokens_per_s"] * r["train_flop_per_token"] / (bf16 * 1e9)
+        r["bf16_fraction_of_bf16_matmul_ceiling"] = (
+            r["train_bf16_tokens_per_s"] * r["train_flop_per_token"] / (bf16 * 1e9) if time_bf16 else None)
         r["reference_eval_fraction_of_fp32_ceiling"] = (
             r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9))
         results[name] = r
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    cpu = kernels.cpu_info()
     fused = kernels.available("cpu")
     print(f"CPU: {cpu['model']}; bf16 instructions: {cpu['bf16']}; fused CPU kernels: {'yes' if fused else 'no'}")
     print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {where}")
+    if not time_bf16:
+        print(f"bf16 is emulated on this CPU ({fp32 / bf16:.0f}x below fp32 at the matmul ceiling): its step is not "
+              "timed; train with trainer.precision=fp32 here")
     print(f"{'size':<7} {'ours fp32':>9} {'ours bf16':>9} {'reference':>9} {'fp32 x':>6} {'bf16 x':>6} "
           f"{'eval stream':>11} {'eval batched':>12} {'ref eval':>8} {'stream x':>8} {'fp32 ceil':>9} {'bf16 ceil':>9}")
     for name, r in results.items():
         print(
-            f"{name:<7} {r['train_tokens_per_s']:>9,.0f} {r['train_bf16_tokens_per_s']:>9,.0f} {r['reference_train_tokens_per_s']:>9,.0f} "
-            f"{r['train_ratio']:>6.2f} {r['train_bf16_ratio']:>6.2f} {r['eval_stream_tokens_per_s']:>11,.0f} "
-            f"{r['eval_batched_tokens_per_s']:>12,.0f} {r['reference_eval_batched_tokens_per_s']:>8,.0f} {r['eval_stream_ratio']:>8.2f} "
-            f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {r['bf16_fraction_of_bf16_matmul_ceiling']:>9.0%}"
+            f"{name:<7} {r['train_tokens_per_s']:>9,.0f} {_cell(r['train_bf16_tokens_per_s'], ',.0f', 9)} "
+            f"{r['reference_train_tokens_per_s']:>9,.0f} {r['train_ratio']:>6.2f} {_cell(r['train_bf16_ratio'], '.2f', 6)} "
+            f"{r['eval_stream_tokens_per_s']:>11,.0f} {r['eval_batched_tokens_per_s']:>12,.0f} "
+            f"{r['reference_eval_batched_tokens_per_s']:>8,.0f} {r['eval_stream_ratio']:>8.2f} "
+            f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {_cell(r['bf16_fraction_of_bf16_matmul_ceiling'], '.0%', 9)}"
         )
     targets = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
-    print("bf16 step with weight copies against the same step casting the weights: " + ", ".join(
-        f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items()))
+    if time_bf16:
+        print("bf16 step with weight copies against the same step casting the weights: " + ", ".join(
+            f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items()))
     for name, r in results.items():
         if r["host_syncs"] is not None:
             print(f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of {r['host_syncs']['windows']} training windows")
@@ -387,6 +408,7 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
         "cpu": cpu,
         "fused_kernels": fused,
         "matmul_gflops": {"fp32": fp32, "bf16": bf16},
+        "bf16_timed": time_bf16,
         "sizes": results,
         "targets": targets,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -95,3 +96,19 @@ def test_cuda_bench_without_a_gpu_is_refused(capsys):
         bench.main(["--device", "cuda", "--quick", "--out", "/nonexistent/never-written.json"])
     assert stop.value.code == 2
     assert "--device cuda: torch sees no GPU here" in capsys.readouterr().err
+
+
+def test_emulated_bf16_is_not_timed_and_has_no_targets(tmp_path, monkeypatch, capsys):
+    """Where the CPU has no bf16 instructions the bench skips the bf16 step (tens of times slower than
+    fp32 there) and judges only the fp32 targets."""
+    monkeypatch.setattr(bench.kernels, "cpu_info", lambda: {"model": "test cpu", "bf16": "none"})
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, device: 100.0 if dtype == bench.torch.float32 else 2.0)
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--sizes", "small", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "bf16 is emulated on this CPU (50x below fp32 at the matmul ceiling)" in printed
+    report = json.loads(out.read_text())
+    small = report["sizes"]["small"]
+    assert report["bf16_timed"] is False and small["train_bf16_tokens_per_s"] is None
+    assert set(small["repetitions"]["train"]) == {"fp32", "reference"}
+    assert [t["target"] for t in report["targets"]] == ["small: ours fp32 >= 1.0x reference"]

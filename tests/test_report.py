@@ -138,7 +138,7 @@ def test_runs_say_where_they_trained_and_mc_dropout_sits_beside_the_standard_num
     results = tmp_path / "results"
     run_dir = results / "gal_medium" / "seed-1"
     metrics = train(train_config(tiny_overrides(corpus, "trainer.epochs=1")), run_dir)
-    assert metrics["hardware"]["cpu"] and metrics["hardware"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
+    assert metrics["hardware"]["cpu"] and metrics["hardware"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "Arm BF16", "none")
     assert metrics["hardware"]["gpu"] is None
     as_trained_with(run_dir, "experiment=gal_medium")
     numbers = lambda valid, test: {"valid": {"batched": {"ppl": valid}}, "test": {"stream": {"ppl": test}}}  # noqa: E731

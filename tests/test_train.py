@@ -108,6 +108,14 @@ def test_bf16_training_tracks_fp32_and_keeps_fp32_weights(tiny_corpus, tmp_path)
     assert all(w.dtype == torch.float32 for w in weights.values())
 
 
+
+@pytest.mark.parametrize("isa, warned", [("none", True), ("AVX512-BF16", False), ("AMX", False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(isa, warned, tiny_corpus, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("lm.train.cpu_info", lambda: {"model": "test cpu", "bf16": isa})
+    train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2", "trainer.precision=bf16")), tmp_path / "run")
+    assert any("bf16 products are emulated" in r.getMessage() for r in caplog.records) == warned
+
+
 # ------------------------------------------------------------- presets
 
 
