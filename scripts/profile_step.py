@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm import kernels  # noqa: E402
-from lm.checkpoint import atomic_write_json  # noqa: E402
+from lm.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from lm.config import compose, validate  # noqa: E402
 from lm.data import batchify, bptt_windows  # noqa: E402
 from lm.model import LSTMLanguageModel  # noqa: E402
@@ -144,7 +144,8 @@ def markdown(results: list[dict], cpu: dict, threads: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="*", default=["small", "medium", "large"], choices=["small", "medium", "large"])
-    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="*", default=None, choices=["fp32", "bf16"],
+                        help="default fp32 and bf16; fp32 alone where the CPU has no bf16 instructions (emulated)")
     parser.add_argument("--steps", type=int, default=10, help="windows per timing (large uses a third)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="results/profile", help="folder for README.md and profile.json")
@@ -154,16 +155,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = kernels.cpu_info()
+    precisions = args.precisions
+    if precisions is None:
+        precisions = ["fp32", "bf16"] if cpu["bf16"] != "none" else ["fp32"]
+        if cpu["bf16"] == "none":
+            print("bf16 is emulated on this CPU (no bf16 instructions): profiling fp32 only (--precisions bf16 forces it)")
     results = []
     for size in args.sizes:
-        for precision in args.precisions:
+        for precision in precisions:
             steps = max(2, args.steps // 3) if size == "large" else args.steps
             r = profile_recipe(size, precision, steps)
             print(f"{size} {precision}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
                   f"products {r['products_share']:.0%}", flush=True)
             results.append(r)
     text = markdown(results, cpu, torch.get_num_threads())
-    (out / "README.md").write_text(text)
+    atomic_write_text(out / "README.md", text)
     atomic_write_json(out / "profile.json", {"cpu": cpu, "threads": torch.get_num_threads(),
                                              "torch_version": torch.__version__, "results": results})
     print(text)

@@ -112,3 +112,14 @@ def test_emulated_bf16_is_not_timed_and_has_no_targets(tmp_path, monkeypatch, ca
     assert report["bf16_timed"] is False and small["train_bf16_tokens_per_s"] is None
     assert set(small["repetitions"]["train"]) == {"fp32", "reference"}
     assert [t["target"] for t in report["targets"]] == ["small: ours fp32 >= 1.0x reference"]
+
+
+def test_profile_skips_emulated_bf16_unless_asked(tmp_path, monkeypatch, capsys):
+    import profile_step
+
+    monkeypatch.setattr(profile_step.kernels, "cpu_info", lambda: {"model": "test cpu", "bf16": "none"})
+    profile_step.main(["--sizes", "small", "--steps", "2", "--out", str(tmp_path)])
+    assert "profiling fp32 only" in capsys.readouterr().out
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["precision"] for r in report["results"]] == ["fp32"]
+    assert "| small fp32 |" in (tmp_path / "README.md").read_text()
