@@ -125,15 +125,23 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10) -> float:
+def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10, seconds: float = 2.0) -> float:
     """The machine's matrix-multiply ceiling: the best rate over square sizes and repetitions
-    (a median of one size undershoots, and a ceiling must not be below what a model reaches)."""
+    (a median of one size undershoots, and a ceiling must not be below what a model reaches).
+    Each size stops after ``seconds`` (at least one timed product), and a size whose one product
+    took longer is the last: emulated bf16 on an AVX2 CPU runs near 1 GFLOP/s, where ten products
+    of 2048 would take minutes to say what one product of 1024 already says."""
     best = 0.0
     for n in (4096, 8192) if device.type == "cuda" else (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        a @ b
+        spent = _timed(lambda: a @ b, device)  # warm-up
         for _ in range(reps):
-            best = max(best, 2 * n**3 / _timed(lambda: a @ b, device) / 1e9)
+            took = _timed(lambda: a @ b, device)
+            best, spent = max(best, 2 * n**3 / took / 1e9), spent + took
+            if spent > seconds:
+                break
+        if spent > seconds:
+            break
     return best
 
 

@@ -123,3 +123,15 @@ def test_profile_skips_emulated_bf16_unless_asked(tmp_path, monkeypatch, capsys)
     report = json.loads((tmp_path / "profile.json").read_text())
     assert [r["precision"] for r in report["results"]] == ["fp32"]
     assert "| small fp32 |" in (tmp_path / "README.md").read_text()
+
+
+def test_matmul_ceiling_stops_early_where_products_are_slow(monkeypatch):
+    """A slow product (emulated bf16) ends the ceiling's measurement after a few seconds: one size,
+    not ten products of each; a fast one gets every repetition of both sizes."""
+    calls = []
+    for took, expected_calls in ((1.0, 3), (0.001, 22)):
+        calls.clear()
+        monkeypatch.setattr(bench, "_timed", lambda fn, device=bench.CPU: calls.append(took) or took)
+        rate = bench.matmul_gflops(bench.torch.float32, reps=10, seconds=2.0)
+        assert len(calls) == expected_calls
+        assert rate == pytest.approx(2 * (1024 if took == 1.0 else 2048) ** 3 / took / 1e9)
