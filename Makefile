@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the package with its dev extras
 
-data: $(STAMP) ## download PTB into data/ptb (or $$LM_DATA_DIR) and check the MD5 sums
+data: $(STAMP) ## download PTB into data/ptb (or $LM_DATA_DIR) and check the MD5 sums
 	$(PY) -m lm.data || $(STATUS)
 
 train-small: data ## train the paper's small (non-regularized) model, then print the table
@@ -65,7 +65,7 @@ eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=run
 table: $(STAMP) ## regenerate results/README.md from results/; print it with your runs/ (sweeps too) beside
 	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
-test: $(STAMP) ## run the test suite (real-PTB tests need $$LM_DATA_DIR; they skip without it)
+test: $(STAMP) ## run the test suite (real-PTB tests need $LM_DATA_DIR; they skip without it)
 	$(PY) -m pytest || $(STATUS)
 
 bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, written to results/bench.json
@@ -76,10 +76,10 @@ profile: $(STAMP) ## where a training step's time goes, by category, written to 
 
 # make wheels runs where pip reaches an index; make gpu-check on the GPU machine, offline, with the Python that has
 # torch ($(PYTHON), not .venv, whose CPU torch it must not see): it installs wheels/ beside that torch itself.
-wheels: $(STAMP) ## wheels of every dependency but torch into $$WHEELS (wheels/), for an offline GPU machine
+wheels: $(STAMP) ## wheels of every dependency but torch into $WHEELS (wheels/), for an offline GPU machine
 	$(PY) scripts/wheels.py --dest "$(WHEELS)" $(ARGS) || $(STATUS)
 
-gpu-check: ## on the GPU machine: install wheels/, CUDA tests, bench, medium+large for 8.5 min; into $$OUT or gpu-check/
+gpu-check: ## on the GPU machine: install wheels/, CUDA tests, bench, medium+large for 8.5 min; into $OUT or gpu-check/
 	$(PYTHON) scripts/gpu_check.py --wheels "$(WHEELS)" $(ARGS) || $(STATUS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)

@@ -347,3 +347,16 @@ def test_make_targets_pass_exit_codes_through(tiny_corpus, tmp_path):
     assert missing.returncode == 2 and _own_lines(missing.stderr) == ["error: give CKPT=path/to/checkpoint.pt"]
     absent = _make("eval", f"CKPT={tmp_path / 'none.pt'}")
     assert absent.returncode == 2 and len(_own_lines(absent.stderr)) == 1 and "does not exist" in absent.stderr
+
+
+def test_make_help_lists_every_target_as_a_user_types_it():
+    """Every phony target has a help line, and the variables read as a shell spells them
+    ($LM_DATA_DIR, not the Makefile's escaped $$LM_DATA_DIR)."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    shown = _make("help")
+    assert shown.returncode == 0, shown.stderr
+    phony = re.search(r"^\.PHONY:(.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    listed = re.findall(r"^  make (\S+)", shown.stdout, re.M)
+    assert sorted(listed) == sorted(phony)
+    assert "$$" not in shown.stdout and "$LM_DATA_DIR" in shown.stdout
