@@ -186,9 +186,11 @@ def runs_table(runs: list[Run]) -> str:
     return "\n".join([header, *rows])
 
 
-def comparison_table(runs: list[Run]) -> str:
+def comparison_table(runs: list[Run], every_paper_row: bool = False) -> str:
     """One row per paper experiment: mean ± std over the completed runs of its recipe, the paper's numbers, the gap.
 
+    Rows follow the paper (Table 1, then the follow-ups); with ``every_paper_row`` the rows
+    no run has reached yet are listed too, so the committed table shows what is still missing.
     Runs of other recipes (the ablation's placements, a changed schedule under a paper
     experiment's name) are not compared; they are listed per run."""
     by_experiment: dict[str, list[Run]] = defaultdict(list)
@@ -201,11 +203,14 @@ def comparison_table(runs: list[Run]) -> str:
         "|---|---|---|---|---|---|---|---|"
     )
     rows = []
-    for name in sorted(by_experiment):
-        group = by_experiment[name]
+    for name, (label, p_valid, p_test) in REFERENCE_ROWS.items():
+        group = by_experiment.get(name, [])
+        if not group:
+            if every_paper_row:
+                rows.append(f"| {name} | 0 | not run yet | | {label} | {p_valid:.1f} | {p_test:.1f} | |")
+            continue
         valid = [r.metrics["valid_ppl"] for r in group]
         test = [r.metrics["test_ppl"] for r in group]
-        label, p_valid, p_test = REFERENCE_ROWS[name]
         rows.append(
             f"| {name} | {len(group)} | {_mean_std(valid)} | {_mean_std(test)} | {label} | {p_valid:.1f} | {p_test:.1f} | "
             f"{statistics.mean(test) - p_test:+.2f} |"
@@ -265,6 +270,18 @@ def ensemble_table(ensembles: list[Run]) -> str:
     return "\n".join([header, *rows])
 
 
+def averages_not_run(ensembles: list[Run]) -> str | None:
+    """The paper's model averages that no committed ensemble reproduces yet, one line per experiment."""
+    done = {(ensemble_experiment(e), e.metrics["n_models"]) for e in ensembles}
+    lines = []
+    for experiment, averages in PAPER_AVERAGES.items():
+        missing = [(n, t) for n, _, t in averages if (experiment, n) not in done]
+        if missing:
+            lines.append(f"- {experiment}: averages of " + ", ".join(str(n) for n, _ in missing) + " models (paper test "
+                         + " / ".join(f"{t:.1f}" for _, t in missing) + ")")
+    return "\n".join(lines) if lines else None
+
+
 def mc_dropout_table(evals: list[Run], runs: list[Run]) -> str | None:
     """Runs evaluated with Monte Carlo dropout (``lm.evaluate eval.mc_samples=K``, eval.json beside
     metrics.json): standard and MC perplexity side by side, with Gal's MC number where there is one."""
@@ -306,7 +323,7 @@ def render(runs: list[Run], ensembles: list[Run] | None = None, evals: list[Run]
     parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "",
               "Mean ± standard deviation over the completed runs of each paper experiment (runs cut short by",
               "`trainer.max_steps`, and runs of studies without a paper number, are listed under Runs only).", "",
-              comparison_table(runs), ""]
+              comparison_table(runs, every_paper_row=True), ""]
     apart = other_recipes_table(runs)
     if apart:
         parts += ["Not compared: runs named after a paper experiment whose recipe (the resolved config) is another.", "",
@@ -315,6 +332,9 @@ def render(runs: list[Run], ensembles: list[Run] | None = None, evals: list[Run]
               "Learning curves: `curve.png` in each run folder.", ""]
     if ensembles:
         parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
+    missing = averages_not_run(ensembles or [])
+    if missing:
+        parts += ["Not run yet, of the paper's averages:", "", missing, ""]
     mc = mc_dropout_table(evals or [], runs)
     if mc:
         parts += ["## Monte Carlo dropout (dropout left on at evaluation, probabilities averaged over the samples)", "", mc, ""]
@@ -404,9 +424,12 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "README.md", text)
     if readme is not None and runs:
-        block = comparison_table(runs)
+        block = comparison_table(runs, every_paper_row=True)
         if ensembles:
             block += "\n\n" + ensemble_table(ensembles)
+        missing = averages_not_run(ensembles)
+        if missing:
+            block += "\n\nNot run yet, of the paper's averages:\n\n" + missing
         update_readme_block(readme, block)
     if plots:
         for r in runs:

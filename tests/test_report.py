@@ -36,6 +36,10 @@ def test_report_tables_runs_with_mean_std_and_paper(tmp_path: Path):
     assert "| zaremba_small | 2 |" in text and "±" in text  # the smoke run is not in the mean
     assert "| `zaremba_small/seed-3` | 3 | partial (3 steps) |" in text
     assert "non-regularized LSTM (small) | 120.7 | 114.5" in text
+    # every paper row, in the paper's order, the ones without a run saying so; the averages too
+    assert text.index("| zaremba_small | 2 |") < text.index("| zaremba_medium | 0 | not run yet | | medium regularized LSTM | 86.2 | 82.7 | |")
+    assert text.index("| zaremba_large | 0 | not run yet |") < text.index("| gal_medium | 0 | not run yet |")
+    assert "- zaremba_small: averages of 2, 5, 10 models (paper test 96.1 / 84.1 / 80.0)" in text
     assert "`zaremba_small/seed-1`" in text and "`zaremba_small/seed-2`" in text
     assert (results / "zaremba_small" / "seed-1" / "curve.png").stat().st_size > 1000
     first = (results / "README.md").read_bytes()
@@ -76,6 +80,7 @@ def test_local_runs_are_shown_apart_from_committed_ones_without_touching_results
     committed_part, _, yours = text.partition("# Your runs")
     assert "| zaremba_small | 1 |" in committed_part and "seed-7" not in committed_part
     assert "| zaremba_small | 1 |" in yours and "`runs/zaremba_small/seed-7`" in yours
+    assert "not run yet" in committed_part and "not run yet" not in yours  # the user's table: their rows only
     assert "| zaremba_small | 2 |" not in text
     assert (results / "README.md").read_bytes() == committed
     assert (runs / "zaremba_small" / "seed-7" / "curve.png").exists()
