@@ -271,7 +271,7 @@ def ensemble_table(ensembles: list[Run]) -> str:
 
 
 def averages_not_run(ensembles: list[Run]) -> str | None:
-    """The paper's model averages that no committed ensemble reproduces yet, one line per experiment."""
+    """The paper's model averages that no ensemble reproduces yet: a heading and one line per experiment."""
     done = {(ensemble_experiment(e), e.metrics["n_models"]) for e in ensembles}
     lines = []
     for experiment, averages in PAPER_AVERAGES.items():
@@ -279,7 +279,7 @@ def averages_not_run(ensembles: list[Run]) -> str | None:
         if missing:
             lines.append(f"- {experiment}: averages of " + ", ".join(str(n) for n, _ in missing) + " models (paper test "
                          + " / ".join(f"{t:.1f}" for _, t in missing) + ")")
-    return "\n".join(lines) if lines else None
+    return "\n".join(["Not run yet, of the paper's averages:", "", *lines]) if lines else None
 
 
 def mc_dropout_table(evals: list[Run], runs: list[Run]) -> str | None:
@@ -334,7 +334,7 @@ def render(runs: list[Run], ensembles: list[Run] | None = None, evals: list[Run]
         parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
     missing = averages_not_run(ensembles or [])
     if missing:
-        parts += ["Not run yet, of the paper's averages:", "", missing, ""]
+        parts += [missing, ""]
     mc = mc_dropout_table(evals or [], runs)
     if mc:
         parts += ["## Monte Carlo dropout (dropout left on at evaluation, probabilities averaged over the samples)", "", mc, ""]
@@ -429,7 +429,7 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
             block += "\n\n" + ensemble_table(ensembles)
         missing = averages_not_run(ensembles)
         if missing:
-            block += "\n\nNot run yet, of the paper's averages:\n\n" + missing
+            block += "\n\n" + missing
         update_readme_block(readme, block)
     if plots:
         for r in runs:

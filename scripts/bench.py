@@ -128,8 +128,8 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10, seconds: float = 2.0) -> float:
     """The machine's matrix-multiply ceiling: the best rate over square sizes and repetitions
     (a median of one size undershoots, and a ceiling must not be below what a model reaches).
-    Each size stops after ``seconds`` (at least one timed product), and a size whose one product
-    took longer is the last: emulated bf16 on an AVX2 CPU runs near 1 GFLOP/s, where ten products
+    Each size stops once its products took ``seconds`` (at least one is timed), and a size that
+    used up its seconds is the last: emulated bf16 on an AVX2 CPU runs near 1 GFLOP/s, where ten products
     of 2048 would take minutes to say what one product of 1024 already says."""
     best = 0.0
     for n in (4096, 8192) if device.type == "cuda" else (1024, 2048):
