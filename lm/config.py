@@ -19,10 +19,10 @@ from typing import Any, List, Mapping, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lm.dropout import VARIANTS as DROPOUT_VARIANTS
-
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16")
+# Where dropout goes (lm.model.dropout draws the masks; rates_used says which rates each one reads).
+DROPOUT_VARIANTS = ("zaremba", "variational", "recurrent", "none")
 
 
 class ConfigError(ValueError):
@@ -165,7 +165,7 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def rates_used(variant: str) -> tuple[str, ...]:
-    """The ``model.*`` dropout rates that ``variant`` reads (as lm/model.py does); under it the
+    """The ``model.*`` dropout rates that ``variant`` reads (as lm/model/language_model.py does); under it the
     others have no effect. ``weight_drop`` and ``tie_weights`` apply to every variant."""
     if variant == "variational":
         return ("dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output")

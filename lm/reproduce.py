@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.checkpoint import RunFolderLock
-from lm.cli import ArgumentParser, UsageError, check_output_folder, guarded, positive_int
-from lm.faults import TrainingInterrupted
-from lm.report import write_report
+from lm.infra.checkpoint import RunFolderLock
+from lm.infra.cli import ArgumentParser, check_output_folder, guarded, positive_int
+from lm.infra.errors import UsageError
+from lm.infra.faults import TrainingInterrupted
+from lm.reporting.publish import write_report
 
 PARTS = ("small", "medium", "large", "gal")
 # The paper's model averages per experiment (Table 1), capped by the models trained.

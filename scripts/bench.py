@@ -1,6 +1,6 @@
 """Speed of training and evaluation at the paper's three sizes: ``make bench``.
 
-For each size, in one process: training tokens/s of our step (``lm.step.train_epoch``)
+For each size, in one process: training tokens/s of our step (``lm.engine.step.train_epoch``)
 in fp32 and in bf16 (``trainer.precision=bf16``) and of a plain PyTorch reference step
 with the same math in fp32 (embedding + multi-layer ``nn.LSTM`` + linear, loss summed
 over time / batch, global clipping, SGD), the evaluation tokens/s under both protocols
@@ -35,13 +35,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm import kernels  # noqa: E402
-from lm.checkpoint import atomic_write_json  # noqa: E402
+from lm.infra.checkpoint import atomic_write_json  # noqa: E402
 from lm.config import compose, validate  # noqa: E402
-from lm.data import batchify, bptt_windows  # noqa: E402
-from lm.evaluate import evaluate  # noqa: E402
-from lm.model import LSTMLanguageModel  # noqa: E402
-from lm.runtime import fp32_products  # noqa: E402
-from lm.step import train_epoch  # noqa: E402
+from lm.data.batching import batchify, bptt_windows  # noqa: E402
+from lm.engine.evaluation import evaluate  # noqa: E402
+from lm.model.language_model import LSTMLanguageModel  # noqa: E402
+from lm.engine.runtime import fp32_products  # noqa: E402
+from lm.engine.step import train_epoch  # noqa: E402
 
 SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
 VOCAB, BATCH, LAYERS = 10_000, 20, 2  # the same in every recipe (recipe_shapes checks it)
@@ -148,7 +148,7 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10
 def step_gemms(hidden: int, bptt: int) -> list[tuple[str, int, int, int, int]]:
     """The matrix products of one training window of our step: (what, m, k, n, how many) for [m, k] x [k, n].
     Per layer the time loop does one thin [batch, H] x [H, 4H] product forward and one back per step; the rest
-    are one large product each over the window (lm/recurrence.py)."""
+    are one large product each over the window (lm/model/recurrence.py)."""
     tokens, h4 = BATCH * bptt, 4 * hidden
     return [
         ("input projections", tokens, hidden, h4, LAYERS),
@@ -197,7 +197,7 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
     steps = {
         "fp32": lambda: train_epoch(ours, windows, opt, 5.0).seconds,
         "bf16": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16).seconds,
-        # the same bf16 step casting the weights every step instead of reading copies (lm.weight_copies)
+        # the same bf16 step casting the weights every step instead of reading copies (lm.kernels.weight_copies)
         "bf16_casts": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16, weight_copies=False).seconds,
         "reference": lambda: reference_steps(ref, windows, hidden),
     }

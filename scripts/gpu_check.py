@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = ("zaremba_medium", "zaremba_large")
 LOG_NAME = "gpu_check.log"
 MINUTE = 60.0
-# The trainer's line per epoch (lm/train.py, _finish_epoch), after Hydra's "HH:MM:SS " prefix.
+# The trainer's line per epoch (lm/engine/epochs.py, _finish_epoch), after Hydra's "HH:MM:SS " prefix.
 EPOCH_FIELDS = ("epoch", "lr", "train_ppl", "valid_ppl", "words_per_s", "seconds")
 
 

@@ -1,7 +1,7 @@
 """Where one training step's time goes, by category, at the paper's sizes: ``make profile``.
 
 For each recipe (``experiment=zaremba_{small,medium,large}``) and precision, the trainer's own
-step (``lm.step.train_epoch``) runs on random windows of the recipe's shapes: first timed
+step (``lm.engine.step.train_epoch``) runs on random windows of the recipe's shapes: first timed
 alone (the step's wall time), then under ``torch.profiler``. Every op's own time is charged to
 a category by its name and the region it ran in (an ``mm`` inside the fused LSTM is a product,
 a ``copy_`` there is gate work). What the ops do not account for, against the unprofiled wall
@@ -22,11 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm import kernels  # noqa: E402
-from lm.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from lm.infra.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from lm.config import compose, validate  # noqa: E402
-from lm.data import batchify, bptt_windows  # noqa: E402
-from lm.model import LSTMLanguageModel  # noqa: E402
-from lm.step import train_epoch  # noqa: E402
+from lm.data.batching import batchify, bptt_windows  # noqa: E402
+from lm.model.language_model import LSTMLanguageModel  # noqa: E402
+from lm.engine.step import train_epoch  # noqa: E402
 
 VOCAB = 10_000
 CATEGORIES = ("products", "oneDNN LSTM layer (products and gates)", "gate arithmetic", "loss (softmax)", "dropout",

@@ -40,23 +40,23 @@ def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
 
 def record_layer_calls(monkeypatch) -> list[tuple]:
     """Every training-time run of a layer's time loop: (layer, input, state, h_mask, output)."""
-    import lm.model
+    import lm.model.language_model
 
     calls = []
-    real = lm.model.lstm_window
+    real = lm.model.language_model.lstm_window
 
     def recording(layer, x, state, h_mask=None, w_hh=None):
         result = real(layer, x, state, h_mask=h_mask, w_hh=w_hh)
         calls.append((layer, x.detach(), state, h_mask, result[0].detach()))
         return result
 
-    monkeypatch.setattr(lm.model, "lstm_window", recording)
+    monkeypatch.setattr(lm.model.language_model, "lstm_window", recording)
     return calls
 
 
 def reference_lstm(layer, x, state, h_masks):
     """The LSTM equations step by step, with h_masks[t] on h_{t-1} (gate order i, f, g, o):
-    what nn.LSTM and lm.recurrence must compute. Returns (outputs, (h, c)) like nn.LSTM."""
+    what nn.LSTM and lm.model.recurrence must compute. Returns (outputs, (h, c)) like nn.LSTM."""
     import torch
     from torch import nn
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm.ablation import ORDER, describe, write_ablation
-from lm.train import train
+from lm.reporting.ablation import ORDER, describe, write_ablation
+from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 

@@ -20,10 +20,11 @@ from hydra.core.global_hydra import GlobalHydra
 from lm import ablation as ablation_module
 from lm import ensemble as ensemble_module
 from lm import evaluate as evaluate_module
+from lm.engine import evaluation as evaluation_module
 from lm import generate as generate_module
 from lm import report as report_module
 from lm import train as train_module
-from lm.checkpoint import RunFolderLock, save_checkpoint, vocab_digest
+from lm.infra.checkpoint import RunFolderLock, save_checkpoint, vocab_digest
 
 from helpers import tiny_overrides, write_corpus
 
@@ -64,7 +65,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ptb_dir_optional):
     """Corpora, a finished run and checkpoints that the bad commands point at."""
-    from lm.train import train
+    from lm.engine.training import train
     from helpers import train_config
 
     root = tmp_path_factory.mktemp("world")
@@ -110,8 +111,8 @@ def world(tmp_path_factory, ptb_dir_optional):
 
 def _more_world(root: Path, good: Path, run: Path) -> dict:
     """Folders and checkpoints of the reliability issue's examples."""
-    from lm.faults import TrainingInterrupted
-    from lm.train import train
+    from lm.infra.faults import TrainingInterrupted
+    from lm.engine.training import train
     from helpers import train_config
 
     unfinished = root / "unfinished"  # stopped by SIGTERM mid-epoch: checkpoint.pt, no metrics.json
@@ -393,9 +394,9 @@ def _fail_on(monkeypatch, target, attr: str, err: OSError) -> None:
     ("read-only", OSError(errno.EROFS, "Read-only file system", "checkpoint.pt"), "checkpoint.pt: Read-only file system"),
 ])
 def test_os_errors_while_writing_are_one_line(case, error, message, world, tmp_path, monkeypatch, capsys):
-    import lm.checkpoint
+    import lm.infra.checkpoint
 
-    _fail_on(monkeypatch, lm.checkpoint.tempfile, "mkstemp", error)
+    _fail_on(monkeypatch, lm.infra.checkpoint.tempfile, "mkstemp", error)
     code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"], "trainer.max_steps=1"), f"hydra.run.dir={tmp_path / 'run'}"],
                         monkeypatch, capsys)
     _assert_one_line(code, err, message)
@@ -628,7 +629,7 @@ def test_paths_with_equals_commas_and_spaces_are_accepted(where, world, tmp_path
 ])
 def test_data_command_is_one_line(case, damage, message, tmp_path, monkeypatch, capsys):
     """``python -m lm.data FOLDER`` with every file present (so nothing is downloaded) but wrong."""
-    from lm import data as data_module
+    from lm.data import __main__ as data_module
 
     folder = tmp_path / "ptb"
     folder.mkdir()
@@ -650,13 +651,13 @@ def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkey
     import signal
 
     signum = getattr(signal, sig)
-    real = evaluate_module.evaluate_all
+    real = evaluation_module.evaluate_all
 
     def evaluate_then_signal(*args, **kwargs):
         os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "evaluate_all", evaluate_then_signal)
+    monkeypatch.setattr(evaluation_module, "evaluate_all", evaluate_then_signal)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     # as in a fresh process started from a terminal: the boundary's handler takes over SIGTERM and
     # SIGUSR1, and Ctrl-C raises KeyboardInterrupt (pytest started in the background by a script

@@ -13,7 +13,7 @@ from hydra import initialize_config_dir
 from lm.config import (
     CONFIG_DIR, PRESET_GROUPS, ConfigError, check_group_choices, compose, ignored_overrides, recipe, validate,
 )
-from lm.train import preflight, train
+from lm.engine.training import preflight, train
 
 from helpers import tiny_overrides, train_config
 
@@ -72,13 +72,13 @@ def test_a_preset_that_the_experiment_restates_is_refused_in_one_line(config_cop
 
 
 def test_the_command_line_refusal_runs_before_anything_is_written(tmp_path, monkeypatch):
-    import lm.train
+    import lm.engine.training
 
     def refuse(overrides, choices):
         assert "optim=sgd" in overrides and choices["experiment"] == "zaremba_small"
         raise ConfigError("refused")
 
-    monkeypatch.setattr(lm.train, "check_group_choices", refuse)
+    monkeypatch.setattr(lm.engine.training, "check_group_choices", refuse)
     with pytest.raises(ConfigError, match="refused"):
         preflight(compose("train", ["experiment=zaremba_small", "optim=sgd", f"hydra.run.dir={tmp_path / 'run'}"],
                           return_hydra_config=True))

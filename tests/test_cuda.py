@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers import tiny_overrides, train_config
-from lm.data import batchify
-from lm.evaluate import evaluate
-from lm.model import LSTMLanguageModel
-from lm.train import train
+from lm.data.batching import batchify
+from lm.engine.evaluation import evaluate
+from lm.model.language_model import LSTMLanguageModel
+from lm.engine.training import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")]
 
@@ -53,7 +53,7 @@ def test_evaluation_on_cuda_matches_cpu():
 
 def test_recurrent_dropout_variant_trains_on_cuda(shared_tiny_corpus, tmp_path):
     """The variants that mask h_{t-1} run the time loop of lm.recurrence instead of cuDNN, compiled."""
-    from lm.recurrence import compiled_window
+    from lm.model.recurrence import compiled_window
 
     metrics = _two_steps(shared_tiny_corpus, tmp_path, "cuda", "model.dropout_variant=recurrent", "model.dropout_recurrent=0.3")
     assert metrics["steps"] == 2 and math.isfinite(metrics["valid_ppl"])
@@ -63,7 +63,7 @@ def test_recurrent_dropout_variant_trains_on_cuda(shared_tiny_corpus, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_compiled_window_on_cuda_is_the_eager_window(dtype):
     """torch.compile's window on the GPU: the values and gradients of LSTMWindow, per-step masks."""
-    from lm.recurrence import CompiledWindow, LSTMWindow
+    from lm.model.recurrence import CompiledWindow, LSTMWindow
 
     torch.manual_seed(0)
     steps, batch, hidden = 6, 4, 8

@@ -6,16 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.data import (
-    EOS,
-    DataError,
-    batchify,
-    bptt_windows,
-    ensure_ptb,
-    load_corpus,
-    resolve_data_dir,
-    tokenize,
-)
+from lm.data.batching import batchify, bptt_windows
+from lm.data.corpus import EOS, ensure_ptb, load_corpus, resolve_data_dir, tokenize
+from lm.infra.errors import DataError
 
 
 def test_batchify_hand_computed():

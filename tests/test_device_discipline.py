@@ -40,13 +40,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lm.kernels
-from lm.checkpoint import save_checkpoint
-from lm.data import Corpus, Vocab, batchify, bptt_windows, load_corpus
-from lm.ensemble import run_ensemble
-from lm.evaluate import evaluate_all, evaluate_mixture
-from lm.generate import sample
-from lm.model import LSTMLanguageModel
-from lm.step import train_epoch
+from lm.infra.checkpoint import save_checkpoint
+from lm.data.batching import batchify, bptt_windows
+from lm.data.corpus import Corpus, Vocab, load_corpus
+from lm.engine.averaging import run_ensemble
+from lm.engine.evaluation import evaluate_all, evaluate_mixture
+from lm.engine.generation import sample
+from lm.model.language_model import LSTMLanguageModel
+from lm.engine.step import train_epoch
 
 from helpers import REPO, tiny_overrides, train_config, write_corpus
 

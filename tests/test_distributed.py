@@ -1,5 +1,5 @@
 """Data-parallel training with torchrun (gloo on CPU) is single-process training, dropout included:
-every rank draws each mask for the global batch and keeps its own rows (lm.dropout.BatchShare)."""
+every rank draws each mask for the global batch and keeps its own rows (lm.model.dropout.BatchShare)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.checkpoint import load_checkpoint
-from lm.distributed import Group, check_gpu_per_process
+from lm.infra.checkpoint import load_checkpoint
+from lm.engine.distributed import Group, check_gpu_per_process
 from lm.config import ConfigError
-from lm.step import EpochLoop
-from lm.train import train
+from lm.engine.step import EpochLoop
+from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 

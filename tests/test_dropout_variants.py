@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lm.model
-from lm.data import batchify
-from lm.evaluate import evaluate, evaluate_mc
-from lm.model import LSTMLanguageModel
+import lm.model.language_model
+from lm.data.batching import batchify
+from lm.engine.evaluation import evaluate, evaluate_mc
+from lm.model.language_model import LSTMLanguageModel
 
 from helpers import record_layer_calls, reference_lstm
 
@@ -75,14 +75,14 @@ def test_none_has_no_masks_in_training():
 
 def _recorded_locked_masks(monkeypatch):
     masks = []
-    original = lm.model.locked_mask
+    original = lm.model.language_model.locked_mask
 
     def record(batch, features, p, like, share):
         m = original(batch, features, p, like, share)
         masks.append((p, m))
         return m
 
-    monkeypatch.setattr(lm.model, "locked_mask", record)
+    monkeypatch.setattr(lm.model.language_model, "locked_mask", record)
     return masks
 
 
@@ -164,7 +164,7 @@ def test_tied_weights_share_one_tensor():
     ["model.dropout_variant=none", "model.tie_weights=true"],
 ], ids=["variational+weight_drop", "recurrent", "none+tied"])
 def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corpus, tmp_path):
-    from lm.train import train
+    from lm.engine.training import train
 
     from helpers import tiny_overrides, train_config
 
@@ -177,7 +177,7 @@ def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corp
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.65])
 def test_inverted_mask_gives_bernoullis_numbers(dtype, p):
     """The faster CPU draws of every locked, word and recurrent mask are bernoulli_'s, bit for bit."""
-    from lm.dropout import inverted_mask
+    from lm.model.dropout import inverted_mask
 
     torch.manual_seed(4)
     old_mask = torch.empty(7, 13, dtype=dtype).bernoulli_(1 - p) / (1 - p)
@@ -200,7 +200,7 @@ def dropout_backend(request, monkeypatch):
 def test_fresh_dropout_is_dropout(dropout_backend, p):
     """Each element kept with probability 1 - p and scaled by 1 / (1 - p), a fresh mask at every
     call, the gradient through the same mask, and every mask fixed by the seed."""
-    from lm.dropout import FreshDropout
+    from lm.model.dropout import FreshDropout
 
     drop = FreshDropout(p)
     x = torch.randn(40, 35, 65).abs() + 0.5  # never 0, so zeros are dropped elements
@@ -247,13 +247,13 @@ def test_hash_dropout_mask_has_no_visible_structure():
 def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_masks(monkeypatch):
     """K stochastic passes one after another and one pass over the streams repeated K times along
     the batch average the same probabilities when each sample row meets the masks its pass met."""
-    import lm.model
-    from lm.dropout import FreshDropout
-    from lm.evaluate import evaluate_mc_batched, evaluate_mixture
+    import lm.model.language_model
+    from lm.model.dropout import FreshDropout
+    from lm.engine.evaluation import evaluate_mc_batched, evaluate_mixture
 
     torch.manual_seed(0)
     samples, streams, window, places = 3, 2, 4, 3
-    model = lm.model.LSTMLanguageModel(20, 8, 2, 0.5, 0.1)
+    model = lm.model.language_model.LSTMLanguageModel(20, 8, 2, 0.5, 0.1)
     data = torch.randint(0, 20, (streams, 13))
     windows = -(-(data.size(1) - 1) // window)
     masks = {}  # (window, sample, place) -> [streams, <=window, 8]
@@ -295,7 +295,7 @@ def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_ma
 def test_row_shares_of_every_mask_make_the_whole_batch_masks(name, precision, dropout_backend):
     """Data parallelism: processes holding rows 0-2 and 3-5 of a batch of 6, each drawing from the same
     seed, compute exactly the rows that one process computes for the whole batch (every variant)."""
-    from lm.dropout import WHOLE_BATCH, BatchShare
+    from lm.model.dropout import WHOLE_BATCH, BatchShare
 
     model = build(name).train()
     ids = torch.randint(0, V, (6, 4), generator=torch.Generator().manual_seed(3))

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.checkpoint import CheckpointError
+from lm.infra.checkpoint import CheckpointError
 from lm.config import compose
-from lm.data import batchify
-from lm.evaluate import evaluate, evaluate_mixture, perplexity, run_evaluation
-from lm.model import LSTMLanguageModel
-from lm.train import train
+from lm.data.batching import batchify
+from lm.engine.evaluation import evaluate, evaluate_mixture, perplexity, run_evaluation
+from lm.model.language_model import LSTMLanguageModel
+from lm.engine.training import train
 
 from helpers import tiny_overrides, train_config, write_corpus
 
@@ -69,7 +69,7 @@ def test_evaluate_command_matches_training_numbers(tiny_run: Path):
 def test_mc_evaluation_records_its_time_and_hardware_and_the_report_shows_them(tiny_run: Path, tmp_path: Path):
     import shutil
 
-    from lm.report import write_report
+    from lm.reporting.publish import write_report
 
     run = tmp_path / "results" / "run"
     shutil.copytree(tiny_run / "out", run)
@@ -116,9 +116,9 @@ def test_mixture_averages_probabilities_not_log_probabilities():
 
 
 def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
-    from lm.ensemble import run_ensemble
-    from lm.report import write_report
-    from lm.train import train
+    from lm.engine.averaging import run_ensemble
+    from lm.reporting.publish import write_report
+    from lm.engine.training import train
 
     corpus = tiny_run / "corpus"
     second = tmp_path / "results" / "seed-2"
@@ -138,7 +138,7 @@ def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
 
 def test_checkpoint_configs_from_before_new_keys_still_load(tiny_run: Path):
     """A checkpoint written before a config key existed gets today's default for it."""
-    from lm.checkpoint import load_checkpoint
+    from lm.infra.checkpoint import load_checkpoint
     from lm.config import validate_saved
 
     saved = load_checkpoint(tiny_run / "out" / "checkpoint.pt")["config"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import lm.model
-from lm.checkpoint import load_checkpoint
-from lm.faults import NonFiniteError, TrainingInterrupted
-from lm.train import train
+import lm.model.language_model
+from lm.infra.checkpoint import load_checkpoint
+from lm.infra.faults import NonFiniteError, TrainingInterrupted
+from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -105,7 +105,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_bit_identically(tiny_corpus, 
 def _poison_forward(monkeypatch, at_call: int) -> None:
     """Make the model's training forward pass (``features``, which the fused loss reads) return
     NaN on its ``at_call``-th call."""
-    original = lm.model.LSTMLanguageModel.features
+    original = lm.model.language_model.LSTMLanguageModel.features
     calls = {"n": 0}
 
     def features(self, x, state):
@@ -116,7 +116,7 @@ def _poison_forward(monkeypatch, at_call: int) -> None:
                 hidden = hidden * float("nan")
         return hidden, state
 
-    monkeypatch.setattr(lm.model.LSTMLanguageModel, "features", features)
+    monkeypatch.setattr(lm.model.language_model.LSTMLanguageModel, "features", features)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
@@ -142,8 +142,10 @@ import hashlib  # noqa: E402
 
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from lm import step as step_module  # noqa: E402
+from lm.engine import step as step_module  # noqa: E402
 from lm import train as train_module  # noqa: E402
+from lm.engine import epochs as epochs_module  # noqa: E402
+from lm.engine import run as run_module  # noqa: E402
 
 
 def _entry(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -206,14 +208,14 @@ def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(fault, code, me
 
 
 def test_a_stop_while_setting_up_writes_no_checkpoint(tiny_corpus, tmp_path, monkeypatch, capsys):
-    real = train_module.load_data
+    real = run_module.load_data
 
     def load_data_then_sigterm(data):
         corpus = real(data)
         os.kill(os.getpid(), signal.SIGTERM)  # e.g. while PTB is read
         return corpus
 
-    monkeypatch.setattr(train_module, "load_data", load_data_then_sigterm)
+    monkeypatch.setattr(run_module, "load_data", load_data_then_sigterm)
     run = tmp_path / "run"
     got, err = _entry([*tiny_overrides(tiny_corpus), f"hydra.run.dir={run}"], monkeypatch, capsys)
     assert got == 143, err
@@ -244,7 +246,7 @@ NONFINITE_CASES = [
 @pytest.mark.parametrize("case, extra, message", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
 def test_nonfinite_training_exits_3_with_one_line(case, extra, message, tiny_corpus, tmp_path, monkeypatch, capsys):
     if case == "overflowing-perplexity":  # a loss too large for exp(): finite NLL, infinite perplexity
-        monkeypatch.setattr(train_module, "evaluate", lambda model, data, window: (1e6, 10))
+        monkeypatch.setattr(epochs_module, "evaluate", lambda model, data, window: (1e6, 10))
     run = tmp_path / "run"
     got, err = _entry([*tiny_overrides(tiny_corpus, "trainer.epochs=1", *extra), f"hydra.run.dir={run}"], monkeypatch, capsys)
     assert got == 3, err
@@ -253,7 +255,8 @@ def test_nonfinite_training_exits_3_with_one_line(case, extra, message, tiny_cor
 
 
 def test_max_steps_run_continued_is_not_completed(tiny_corpus, tmp_path):
-    from lm.report import comparison_table, find_runs
+    from lm.reporting.results import find_runs
+    from lm.reporting.tables import comparison_table
 
     run = tmp_path / "run"
     train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=5")), run)
@@ -288,7 +291,7 @@ def test_allowed_changes_are_recorded(tiny_corpus, tmp_path):
 
 
 def test_the_data_cache_is_keyed_by_content_not_mtime(tiny_corpus):
-    from lm.data import load_corpus
+    from lm.data.corpus import load_corpus
 
     first = load_corpus(tiny_corpus)
     path = tiny_corpus / "train.txt"

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.checkpoint import rng_digest, rng_state, set_rng_state
+from lm.infra.checkpoint import rng_digest, rng_state, set_rng_state
 from lm.config import ConfigError
-from lm.runtime import fp32_products
-from lm.train import _set_up_processes, train
+from lm.engine.runtime import fp32_products
+from lm.engine.run import _set_up_processes
+from lm.engine.training import train
 
 from helpers import tiny_overrides, train_config
 

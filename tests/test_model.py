@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lm.config import ModelConfig
-from lm.model import LSTMLanguageModel, count_parameters, detach_state
+from lm.model.language_model import LSTMLanguageModel, count_parameters, detach_state
 
 
 def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageModel:
@@ -58,11 +58,11 @@ def test_dropout_never_touches_the_recurrent_path():
 
 
 def test_dropout_never_touches_the_recurrent_path_in_bf16_training(monkeypatch):
-    """bf16 training on CPU runs the layers through lm.recurrence: it is handed no mask,
+    """bf16 training on CPU runs the layers through lm.model.recurrence: it is handed no mask,
     and replaying it without dropout gives exactly the output it produced."""
     from helpers import record_layer_calls
 
-    from lm.recurrence import lstm_window
+    from lm.model.recurrence import lstm_window
 
     model = make(dropout=0.5).train()
     calls = record_layer_calls(monkeypatch)
@@ -148,7 +148,7 @@ def test_every_variant_trains_alike_on_the_fused_kernels_and_the_fallback(monkey
     every variant and option in fp32 and bf16 (fresh dropout 0: the two backends draw those masks
     differently by design; every other mask comes from torch's generator in both)."""
     from lm import kernels
-    from lm.loss import summed_nll
+    from lm.model.loss import summed_nll
 
     if kernels.fused() is None:
         pytest.skip("no compiler here")

@@ -1,5 +1,5 @@
-"""The training time loop (lm.recurrence) computes nn.LSTM's function and gradients, and the
-training loss (lm.loss) F.cross_entropy's: both the compiled kernels and the pure-PyTorch fallback."""
+"""The training time loop (lm.model.recurrence) computes nn.LSTM's function and gradients, and the
+training loss (lm.model.loss) F.cross_entropy's: both the compiled kernels and the pure-PyTorch fallback."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lm import kernels
-from lm.loss import summed_nll
-from lm.recurrence import lstm_window
+from lm.model.loss import summed_nll
+from lm.model.recurrence import lstm_window
 
 from helpers import REPO, reference_lstm
 
@@ -161,7 +161,7 @@ def test_without_a_compiler_training_falls_back_with_one_warning(tmp_path):
     script = (
         "import torch, torch.nn.functional as F\n"
         "from lm import kernels\n"
-        "from lm.loss import summed_nll\n"
+        "from lm.model.loss import summed_nll\n"
         "assert kernels.fused() is None and not kernels.available('cpu')\n"
         "torch.manual_seed(0)\n"
         "dec = torch.nn.Linear(4, 9); h = torch.randn(6, 4); y = torch.randint(0, 9, (6,))\n"
@@ -213,7 +213,7 @@ def _window_inputs(layer, x, state):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
     """What the GPU compiles is the same function, with the same gradients, as LSTMWindow (every mask kind, bf16)."""
-    from lm.recurrence import LSTMWindow, window_loop
+    from lm.model.recurrence import LSTMWindow, window_loop
 
     layer, x, state = problem
     g = torch.Generator().manual_seed(1)
@@ -228,7 +228,7 @@ def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
 @pytest.mark.slow
 def test_torch_compile_of_the_window_matches_nn_lstm(problem):
     """The real torch.compile (inductor's CPU backend here; Triton on a GPU) of the masked window."""
-    from lm.recurrence import CompiledWindow
+    from lm.model.recurrence import CompiledWindow
 
     if kernels.fused() is None:
         pytest.skip("no compiler here: inductor cannot build its CPU kernels either")
@@ -244,7 +244,7 @@ def test_torch_compile_of_the_window_matches_nn_lstm(problem):
 
 
 def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem, caplog):
-    from lm.recurrence import CompiledWindow
+    from lm.model.recurrence import CompiledWindow
 
     def broken_compile(fn, **options):
         def run(*args):
@@ -261,7 +261,7 @@ def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem,
 
 
 def test_lm_compile_0_turns_compiling_off(monkeypatch):
-    from lm.recurrence import CompiledWindow
+    from lm.model.recurrence import CompiledWindow
 
     monkeypatch.setenv("LM_COMPILE", "0")
     compiled = CompiledWindow(lambda fn, **options: pytest.fail("compiled although LM_COMPILE=0"))

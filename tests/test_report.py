@@ -7,8 +7,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lm.config import compose
-from lm.report import LAST_PROCESS_MARK, LAST_PROCESS_NOTE, write_report
-from lm.train import train
+from lm.reporting.publish import write_report
+from lm.reporting.tables import LAST_PROCESS_MARK, LAST_PROCESS_NOTE
+from lm.engine.training import train
 
 from helpers import tiny_overrides, train_config, write_corpus
 
@@ -52,7 +53,7 @@ def test_report_with_no_runs(tmp_path: Path):
 
 
 def test_readme_block_is_regenerated_between_markers(tmp_path: Path):
-    from lm.report import END, START, update_readme_block
+    from lm.reporting.publish import END, START, update_readme_block
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
@@ -66,7 +67,7 @@ def test_readme_block_is_regenerated_between_markers(tmp_path: Path):
 def test_local_runs_are_shown_apart_from_committed_ones_without_touching_results(tmp_path: Path):
     """A newcomer's run (make train-small is seed 1 again) never enters the committed mean: it has
     a table of its own below the committed one."""
-    from lm.report import local_report
+    from lm.reporting.publish import local_report
 
     corpus = write_corpus(tmp_path / "corpus")
     results, runs = tmp_path / "results", tmp_path / "runs"
@@ -171,7 +172,7 @@ def test_runs_say_where_they_trained_and_mc_dropout_sits_beside_the_standard_num
 
 
 def test_local_runs_cut_short_say_why_they_are_not_beside_the_paper(tmp_path: Path):
-    from lm.report import local_report
+    from lm.reporting.publish import local_report
 
     corpus = write_corpus(tmp_path / "corpus")
     runs = tmp_path / "runs"

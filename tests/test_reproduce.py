@@ -122,8 +122,8 @@ def test_sigterm_checkpoints_the_running_steps_and_the_same_command_continues(ti
 
 
 def test_bad_folders_and_a_second_command_on_the_same_root_are_refused_before_any_work(tmp_path: Path):
-    from lm.checkpoint import RunFolderError, RunFolderLock
-    from lm.cli import UsageError
+    from lm.infra.checkpoint import RunFolderError, RunFolderLock
+    from lm.infra.errors import UsageError
 
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="--root: cannot write"):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from lm.config import compose
-from lm.faults import TrainingInterrupted
-from lm.report import find_runs
-from lm.train import train
+from lm.infra.faults import TrainingInterrupted
+from lm.reporting.results import find_runs
+from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 

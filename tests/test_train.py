@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lm.step as step_module
-from lm.checkpoint import load_checkpoint
+import lm.engine.step as step_module
+from lm.infra.checkpoint import load_checkpoint
 from lm.config import compose
 from lm.config import ConfigError
-from lm.data import bptt_windows
-from lm.model import LSTMLanguageModel
-from lm.checkpoint import RunFolderError
-from lm.step import learning_rate, train_epoch
-from lm.train import preflight, train
+from lm.data.batching import bptt_windows
+from lm.model.language_model import LSTMLanguageModel
+from lm.infra.checkpoint import RunFolderError
+from lm.engine.step import learning_rate, train_epoch
+from lm.engine.training import preflight, train
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -111,7 +111,7 @@ def test_bf16_training_tracks_fp32_and_keeps_fp32_weights(tiny_corpus, tmp_path)
 
 @pytest.mark.parametrize("isa, warned", [("none", True), ("AVX512-BF16", False), ("AMX", False)])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(isa, warned, tiny_corpus, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("lm.train.cpu_info", lambda: {"model": "test cpu", "bf16": isa})
+    monkeypatch.setattr("lm.engine.run.cpu_info", lambda: {"model": "test cpu", "bf16": isa})
     train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2", "trainer.precision=bf16")), tmp_path / "run")
     assert any("bf16 products are emulated" in r.getMessage() for r in caplog.records) == warned
 
@@ -185,7 +185,7 @@ def test_same_seed_same_numbers_on_cpu(tiny_corpus, tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_corpus, tmp_path):
     train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=1")), tmp_path)
-    from lm.checkpoint import CheckpointError
+    from lm.infra.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="another model .*hidden_size 16, this run 32"):
         train(train_config(tiny_overrides(tiny_corpus, "model.hidden_size=32", "trainer.resume=auto")), tmp_path)
@@ -262,7 +262,7 @@ def test_finished_run_is_not_overwritten(tiny_corpus, tmp_path):
 def test_only_rank_0_refuses_a_locked_folder_before_training(tiny_corpus, tmp_path, monkeypatch):
     """Under torchrun, rank 0 may already hold the run's lock when another rank's preflight runs:
     that rank must not take it for another run (the lock is rank 0's, one per run)."""
-    from lm.checkpoint import RunFolderLock
+    from lm.infra.checkpoint import RunFolderLock
 
     cfg = compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={tmp_path / 'run'}"), return_hydra_config=True)
     with RunFolderLock(tmp_path / "run"):

@@ -1,4 +1,4 @@
-"""bf16 weight copies (lm.weight_copies): the same training as autocast's casts, with and without
+"""bf16 weight copies (lm.kernels.weight_copies): the same training as autocast's casts, with and without
 the compiled kernels, and copies that never outlive the loop or go stale."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lm import kernels
-from lm.model import LSTMLanguageModel
-from lm.step import train_epoch
-from lm.weight_copies import COPY_ATTR, WeightCopies, applies, product_matrices, product_weight
+from lm.model.language_model import LSTMLanguageModel
+from lm.engine.step import train_epoch
+from lm.kernels.weight_copies import COPY_ATTR, WeightCopies, applies, product_matrices, product_weight
 
 BF16 = torch.bfloat16
 
@@ -122,9 +122,9 @@ def test_tied_and_weight_dropped_matrices_keep_their_fp32_gradients():
 def test_bf16_training_stopped_mid_epoch_and_resumed_is_bit_identical(tiny_corpus, tmp_path, monkeypatch):
     """The copies are not in the checkpoint: cast again from the loaded weights, they are what the
     uninterrupted run held, so a bf16 run stopped mid-epoch and resumed gives the same weights."""
-    from lm.checkpoint import load_checkpoint
-    from lm.faults import TrainingInterrupted
-    from lm.train import train
+    from lm.infra.checkpoint import load_checkpoint
+    from lm.infra.faults import TrainingInterrupted
+    from lm.engine.training import train
 
     from helpers import tiny_overrides, train_config
 
@@ -144,7 +144,7 @@ def test_bf16_training_stopped_mid_epoch_and_resumed_is_bit_identical(tiny_corpu
 def test_the_norm_of_a_bf16_gradient_is_accumulated_in_fp32(path):
     """The clip norm of a copy's bf16 gradient: the kernel reads it once as bf16 (no fp32 copy),
     the fallback copies; both agree with the fp32 norm of the same values, not bf16's rounding."""
-    from lm.weight_copies import fp32_norm
+    from lm.kernels.weight_copies import fp32_norm
 
     torch.manual_seed(0)
     grad = (torch.randn(300, 1001) * 3).to(BF16)

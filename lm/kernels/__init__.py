@@ -1,4 +1,4 @@
-"""The fused CPU kernels of the training step (``lm/csrc/fused.cpp``), compiled on first use.
+"""The fused CPU kernels of the training step (``lm/kernels/csrc/fused.cpp``), compiled on first use.
 
 Why compiled: between the matrix products, an LSTM step is a dozen small element-wise
 ops that PyTorch launches one by one from Python, and the loss writes the logits in fp32

@@ -17,7 +17,8 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NoReturn
 
 FAULT_ENV = "LM_FAULT"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -40,7 +41,7 @@ class NonFiniteError(RuntimeError):
 
 
 def stop_now(signum: int, frame: FrameType | None) -> None:
-    """The handler of SIGTERM and SIGUSR1 outside a training loop (installed by ``lm.cli.guarded``):
+    """The handler of SIGTERM and SIGUSR1 outside a training loop (installed by ``lm.infra.cli.guarded``):
     the command ends at once, in one line, with 128 + signal, instead of dying silently."""
     raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
@@ -101,3 +102,11 @@ def fault_point(point: str, index: int) -> None:
     at, _, sig = rest.partition(":")
     if name == point and at == str(index):
         os.kill(os.getpid(), getattr(signal, "SIG" + (sig or "KILL")))
+
+
+def interrupt(stop: StopRequest, where: str, checkpoint: Path) -> NoReturn:
+    """The one way a stop signal ends training: after the checkpoint, pass the signal on and raise."""
+    stop.forward()
+    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
+        f"stopped by {stop.name or 'another rank'} {where}; checkpoint {checkpoint}. "
+        f"Resume with the same command plus trainer.resume=auto"))

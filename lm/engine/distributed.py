@@ -5,7 +5,7 @@ averages the gradients across ranks (in buckets, overlapped with the backward),
 which, with each rank's loss summed over time and divided by its own rows, gives
 exactly the gradient of the single-process loss over the global batch. Clipping
 then sees the same global norm on every rank. Dropout masks are drawn for the
-global batch and cut to each rank's rows (``share``; see ``lm.dropout.BatchShare``),
+global batch and cut to each rank's rows (``share``; see ``lm.model.dropout.BatchShare``),
 so ranks drop different units and keep one generator state between them. Only
 rank 0 logs, checkpoints and writes results.
 
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lm.config import ConfigError
-from lm.dropout import WHOLE_BATCH, BatchShare
+from lm.model.dropout import WHOLE_BATCH, BatchShare
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from lm import kernels
-from lm.weight_copies import product_weight
+from lm.kernels.weight_copies import product_weight
 
 log = logging.getLogger("lm.recurrence")
 

@@ -1,5 +1,5 @@
 """The one error boundary of every command (``lm.train``, ``lm.evaluate``, ``lm.ensemble``,
-``lm.generate``, ``lm.report``, ``lm.ablation``, ``lm.data``).
+``lm.generate``, ``lm.report``, ``lm.ablation``, ``lm.reproduce``, ``lm.data``).
 
 An expected failure ends the command with one line on stderr and no traceback:
 
@@ -28,17 +28,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lm.checkpoint import CheckpointError, RunFolderError
 from lm.config import CONFIG_DIR, ConfigError, compose
-from lm.data import DataError
-from lm.faults import NonFiniteError, TrainingInterrupted, stop_now
+from lm.infra.checkpoint import CheckpointError, RunFolderError
+from lm.infra.errors import DataError, UsageError
+from lm.infra.faults import NonFiniteError, TrainingInterrupted, stop_now
 
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_FAULT = 3
-
-
-class UsageError(ValueError):
-    """A bad command-line argument outside Hydra's config (argparse commands)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -184,3 +180,18 @@ def check_output_folder(folder: Path, option: str, error: type[Exception] = Usag
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         problem = "is not a folder" if not existing.is_dir() else "is not writable"
         raise error(f"{option}: cannot write {folder} ({existing} {problem}): choose another folder")
+
+
+def check_output_file(path: Path, key: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder at its place,
+    a file or an unwritable folder above it."""
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a folder: give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}: {path} is not writable: choose another file")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"{key}: cannot write {path} ({existing} {problem}): choose another place")

@@ -10,7 +10,7 @@
   the placement the paper warns against.
 - ``none``.
 
-The model draws the masks on h_{t-1}; ``lm.recurrence`` applies them inside the
+The model draws the masks on h_{t-1}; ``lm.model.recurrence`` applies them inside the
 layer's time loop (oneDNN's and cuDNN's LSTMs cannot take them).
 Weight dropping (DropConnect on the hidden-to-hidden matrix) is ``WeightDrop``,
 a ``torch.nn.utils.parametrize`` parametrization: no patching of ``nn.LSTM``.
@@ -31,7 +31,6 @@ from torch import nn
 
 from lm import kernels
 
-VARIANTS = ("zaremba", "variational", "recurrent", "none")
 
 
 def keep_draws(like: torch.Tensor, keep: float) -> torch.Tensor:

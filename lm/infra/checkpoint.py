@@ -142,7 +142,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def rng_state(device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """The generators a run on ``device`` draws from: torch's CPU generator and, for a GPU, that
     GPU's (no other device is touched). Every process of a data-parallel run holds the same state
-    (``lm.dropout.BatchShare``), so rank 0's resumes any number of processes."""
+    (``lm.model.dropout.BatchShare``), so rank 0's resumes any number of processes."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)

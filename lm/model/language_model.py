@@ -8,7 +8,7 @@ on the non-recurrent (vertical) connections, with a fresh mask for every
 element at every time step. The recurrence inside each layer (h_{t-1} -> h_t
 and the cell c) is never masked: each layer is a fused single-layer
 ``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU). Two cases run the same parameters
-through ``lm.recurrence.lstm_window`` instead: the variants that mask h_{t-1}
+through ``lm.model.recurrence.lstm_window`` instead: the variants that mask h_{t-1}
 (``variational`` with a recurrent rate, ``recurrent``), whose mask is its only
 mask input, and bf16 training (see ``_run_layer``).
 """
@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import ModelConfig
-from lm.dropout import VARIANTS, WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
-from lm.recurrence import lstm_window
+from lm.config import DROPOUT_VARIANTS as VARIANTS
+from lm.model.dropout import WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
+from lm.model.recurrence import lstm_window
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -90,7 +91,7 @@ class LSTMLanguageModel(nn.Module):
 
     def share_batch(self, share: BatchShare) -> None:
         """Train on ``share``'s rows of a global batch (data parallelism): every dropout mask is
-        drawn for the global batch and cut to these rows (``lm.dropout.BatchShare``). The
+        drawn for the global batch and cut to these rows (``lm.model.dropout.BatchShare``). The
         weight-drop mask is one for the whole batch, the same draw in every process."""
         self.batch_share = share
         for drop in self.drops:
@@ -138,7 +139,7 @@ class LSTMLanguageModel(nn.Module):
 
     def features(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> the decoder's input [batch, time, hidden] (after the top dropout)
-        and the final state. Training feeds it to ``lm.loss.summed_nll``, which fuses the decoder."""
+        and the final state. Training feeds it to ``lm.model.loss.summed_nll``, which fuses the decoder."""
         h = self.embedding(x)
         variational = self.variant == "variational"
         if variational:

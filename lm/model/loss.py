@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm import kernels
-from lm.weight_copies import product_weight
+from lm.kernels.weight_copies import product_weight
 
 
 class FusedLinearNLL(torch.autograd.Function):

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from lm.checkpoint import CheckpointError, vocab_digest
+from lm.infra.checkpoint import CheckpointError, vocab_digest
 from lm.config import ConfigError, DataConfig, TrainConfig, validate_saved
-from lm.data import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
+from lm.data.corpus import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
 from lm.kernels import cpu_info
-from lm.model import LSTMLanguageModel
+from lm.model.language_model import LSTMLanguageModel
 
 DEFAULT_PTB_DIR = "data/ptb"
 

@@ -18,10 +18,10 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from lm.config import OptimConfig
-from lm.faults import NonFiniteError, fault_point
-from lm.loss import WindowLoss
-from lm.model import LSTMLanguageModel, State, detach_state
-from lm.weight_copies import WeightCopies, applies, fp32_norm
+from lm.infra.faults import NonFiniteError, fault_point
+from lm.model.loss import WindowLoss
+from lm.model.language_model import LSTMLanguageModel, State, detach_state
+from lm.kernels.weight_copies import WeightCopies, applies, fp32_norm
 
 
 def learning_rate(epoch: int, optim: OptimConfig) -> float:
@@ -47,7 +47,7 @@ class StepRecipe:
     autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
     skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
     objective: torch.nn.Module | None = None  # the model's WindowLoss, wrapped in DistributedDataParallel under torchrun
-    weight_copies: bool = True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.weight_copies)
+    weight_copies: bool = True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.kernels.weight_copies)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], opt
 
 def total_grad_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
     """The global L2 norm of the gradients, in fp32: torch's ``get_total_norm`` where every gradient
-    is fp32; with the bf16 gradients of weight copies, each one's norm from ``lm.weight_copies``
+    is fp32; with the bf16 gradients of weight copies, each one's norm from ``lm.kernels.weight_copies``
     (torch's would be rounded to bf16, or made from an fp32 copy of the gradient)."""
     grads = [g for g in grads if g is not None]
     if all(g.dtype == torch.float32 for g in grads):

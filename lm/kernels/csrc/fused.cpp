@@ -1,4 +1,4 @@
-// Fused CPU kernels for the training step (built on first use by lm/kernels.py).
+// Fused CPU kernels for the training step (built on first use by lm/kernels/__init__.py).
 //
 // lstm_forward / lstm_backward: one LSTM layer over a BPTT window. Per time step the
 // only work left is one [B, H] x [H, 4H] product (at::mm, so oneDNN/MKL) and one pass

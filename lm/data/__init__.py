@@ -1,0 +1,1 @@
+"""Corpora: files, vocabulary, encoded splits (``corpus``); streams and BPTT windows (``batching``)."""

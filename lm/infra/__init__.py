@@ -1,0 +1,1 @@
+"""Infrastructure: checkpoints and atomic writes, faults and signals, the error boundary."""

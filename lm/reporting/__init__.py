@@ -1,0 +1,1 @@
+"""Reporting: the paper's numbers, results read back, tables, plots, the ablation report."""

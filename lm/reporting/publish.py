@@ -1,0 +1,70 @@
+"""``results/README.md`` and the README's results block, regenerated from the committed results,
+and the same tables with a user's own runs beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm.infra.checkpoint import atomic_write_text
+from lm.reporting.plots import CURVE_NAME, plot_curve
+from lm.reporting.results import ResultFile, find_runs
+from lm.reporting.tables import averages_not_run, comparison_table, ensemble_table, other_recipes_table, render, runs_table
+
+
+START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"
+
+
+def update_readme_block(readme: Path, block: str) -> bool:
+    """Replace the generated block between the markers of ``readme``, if it has them."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(readme, f"{head}{START}\n{block}\n{END}{tail}")
+    return True
+
+
+def local_report(root: Path, local: Path) -> str:
+    """The committed runs under ``root`` as ``results/README.md`` has them, then the user's own under
+    ``local`` in tables of their own: a local run never enters a committed mean (a newcomer's
+    ``make train-small`` is seed 1 again). Writes only the local runs' plots."""
+    local_runs = [ResultFile(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
+    for r in local_runs:
+        plot_curve(r, local / r.path.relative_to(local.name) / CURVE_NAME)
+    text = render(find_runs(root), find_runs(root, "ensemble.json"), find_runs(root, "eval.json"))
+    if not local_runs:
+        return text
+    compared = comparison_table(local_runs)
+    parts = [text, f"# Your runs ({local}/), apart from the committed ones", ""]
+    if compared.count("\n") > 1:  # a row beyond the header
+        parts += ["The same comparison for your runs alone (each group's mean is over your runs only).", "", compared, ""]
+    else:
+        parts += ["None of them is a completed run of a paper recipe yet, so none is set beside the paper.", ""]
+    apart = other_recipes_table(local_runs)
+    if apart:
+        parts += [apart, ""]
+    parts += [runs_table(local_runs), ""]
+    return "\n".join(parts)
+
+
+def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:
+    runs = find_runs(root)
+    ensembles = find_runs(root, "ensemble.json")
+    text = render(runs, ensembles, find_runs(root, "eval.json"))
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "README.md", text)
+    if readme is not None and runs:
+        block = comparison_table(runs, every_paper_row=True)
+        if ensembles:
+            block += "\n\n" + ensemble_table(ensembles)
+        missing = averages_not_run(ensembles)
+        if missing:
+            block += "\n\n" + missing
+        update_readme_block(readme, block)
+    if plots:
+        for r in runs:
+            plot_curve(r, root / r.path / CURVE_NAME)
+    return text

@@ -1,0 +1,94 @@
+"""The committed results read back: every metrics.json, ensemble.json or eval.json under a folder,
+checked to hold what the tables read, and the paper experiment whose recipe a run has."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lm.config import ConfigError, compose, recipe, validate, validate_saved
+from lm.infra.errors import DataError
+from lm.reporting.paper import REFERENCE_ROWS
+
+
+@dataclass
+class ResultFile:
+    """One results file read back (a run's metrics.json, an ensemble.json or an eval.json)."""
+
+    path: Path  # folder of metrics.json, relative to the results root
+    metrics: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.metrics["name"]
+
+    @functools.cached_property
+    def recipe(self) -> dict[str, Any] | None:
+        """The recipe of the run's resolved config (keys added since it ran take today's defaults);
+        None if that config no longer validates."""
+        try:
+            return recipe(validate_saved(self.metrics["config"]))
+        except ConfigError:
+            return None
+
+
+@functools.cache
+def reference_recipes() -> dict[str, dict[str, Any]]:
+    """{experiment: its recipe} for every preset with a published number."""
+    return {name: recipe(validate(compose("train", [f"experiment={name}"]))) for name in REFERENCE_ROWS}
+
+
+def paper_experiment(run: ResultFile) -> str | None:
+    """The experiment with a published number whose recipe the run's is, if any."""
+    return next((name for name, ref in reference_recipes().items() if run.recipe == ref), None)
+
+
+def recipe_difference(run: ResultFile, experiment: str) -> str:
+    """How a run's recipe differs from ``experiment``'s, in words."""
+    if run.recipe is None:
+        return "its config no longer validates"
+    ref = reference_recipes()[experiment]
+    keys = sorted(set(ref) | set(run.recipe))
+    return ", ".join(f"{k} {run.recipe.get(k, '-')} (recipe: {ref.get(k, '-')})" for k in keys if run.recipe.get(k) != ref.get(k))
+
+
+# The fields the tables read, per file: a file without them was not written by lm.train / lm.ensemble.
+REQUIRED_FIELDS = {
+    "metrics.json": {"name": str, "seed": int, "config": dict, "epochs": list, "steps": int, "valid_ppl": float,
+                     "test_ppl": float, "eval": dict, "train_seconds": float, "device": str},
+    "ensemble.json": {"name": str, "n_models": int, "checkpoints": list, "valid_ppl": float, "test_ppl": float, "results": dict},
+    "eval.json": {"checkpoint": str, "results": dict},
+}
+
+
+def read_run_file(file: Path) -> dict[str, Any]:
+    """A metrics.json or ensemble.json, checked to hold what the tables read; ``DataError`` if not."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{file} cannot be read as JSON ({str(err).splitlines()[0][:100]}): remove it or move it out of the folder") from None
+    fields = REQUIRED_FIELDS.get(file.name, {})
+    bad = [k for k, kind in fields.items() if not isinstance(data, dict) or not isinstance(data.get(k), (int, float) if kind is float else kind)]
+    if bad:
+        raise DataError(f"{file} is not a {file.name} written by this project (no valid {bad[0]!r}): remove it or move it out of the folder")
+    return data
+
+
+def find_runs(root: Path, filename: str = "metrics.json", skip_foreign: bool = False) -> list[ResultFile]:
+    """Every ``filename`` under ``root``; one that is not ours is an error, or with ``skip_foreign``
+    (the user's own runs/) a warning line and left out."""
+    runs = []
+    for file in sorted(root.rglob(filename)):
+        try:
+            metrics = read_run_file(file)
+        except DataError as err:
+            if not skip_foreign:
+                raise
+            print(f"warning: left out of the table: {err}", file=sys.stderr)
+            continue
+        runs.append(ResultFile(file.parent.relative_to(root), metrics))
+    return runs
