@@ -214,7 +214,10 @@ RECIPE_KEYS = {
 # The keys a resumed run must keep (the recipe but trainer.epochs, which may grow, and the seed and
 # precision): changing one mid-run is refused unless trainer.allow_changes names it.
 RESUME_KEYS = tuple(f"{g}.{k}" for g, keys in RECIPE_KEYS.items() for k in keys if (g, k) != ("trainer", "epochs")) + (
-    "trainer.seed", "trainer.precision", "trainer.tf32")
+    "trainer.seed",
+    "trainer.precision",
+    "trainer.tf32",
+)
 
 
 def resume_values(cfg: TrainConfig) -> dict[str, Any]:
@@ -288,7 +291,12 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _require(o.decay_start_epoch >= 0, "optim.decay_start_epoch", "a non-negative integer", o.decay_start_epoch)
     _require(o.decay_convention in DECAY_CONVENTIONS, "optim.decay_convention", f"one of {DECAY_CONVENTIONS}", o.decay_convention)
     _require(o.max_grad_norm > 0, "optim.max_grad_norm", "a positive number", o.max_grad_norm)
-    _require(0.0 <= o.weight_decay < 1.0, "optim.weight_decay", "in [0, 1) (the fraction of every weight removed per step)", o.weight_decay)
+    _require(
+        0.0 <= o.weight_decay < 1.0,
+        "optim.weight_decay",
+        "in [0, 1) (the fraction of every weight removed per step)",
+        o.weight_decay,
+    )
     t = c.trainer
     _positive_int(t.epochs, "trainer.epochs")
     _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)

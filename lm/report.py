@@ -5,9 +5,9 @@ writes ``results/README.md`` (a table generated from the runs' JSON, never
 edited by hand: same inputs, same bytes) and a learning-curve plot next to each
 run. A run is set beside a paper row when its recipe (``lm.config.recipe`` of its
 resolved config) is that of the row's experiment preset, whatever its name; a run
-named after a paper experiment with another recipe is listed apart. ``--with-runs runs`` also prints the table with your own runs from
-``runs/`` (sweeps included) beside them; ``results/README.md`` keeps only the
-committed runs.
+named after a paper experiment with another recipe is listed apart. ``--with-runs runs``
+also prints the table with your own runs from ``runs/`` (sweeps included) beside them;
+``results/README.md`` keeps only the committed runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
     parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
-    parser.add_argument("--with-runs", metavar="DIR", help="print the table with your own runs in DIR too (results/README.md keeps only the committed runs)")
+    parser.add_argument(
+        "--with-runs",
+        metavar="DIR",
+        help="print the table with your own runs in DIR too (results/README.md keeps only the committed runs)",
+    )
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -57,42 +57,91 @@ def _train(root: Path, experiment: str, seed: int, extra: list[str]) -> Step:
     folder = root / experiment / f"seed-{seed}"
     return Step(
         f"train {experiment} seed {seed}",
-        [sys.executable, "-m", "lm.train", f"experiment={experiment}", f"trainer.seed={seed}", "trainer.resume=auto",
-         "trainer.progress=false", f"hydra.run.dir={folder}", *extra],
-        folder / "metrics.json", "trainer.threads={}", resumable=True,
+        [
+            sys.executable,
+            "-m",
+            "lm.train",
+            f"experiment={experiment}",
+            f"trainer.seed={seed}",
+            "trainer.resume=auto",
+            "trainer.progress=false",
+            f"hydra.run.dir={folder}",
+            *extra,
+        ],
+        folder / "metrics.json",
+        "trainer.threads={}",
+        resumable=True,
     )
 
 
-def plan(root: Path, parts: list[str], small_models: int, medium_models: int, mc_samples: int, extra: list[str],
-         data_dir: str | None = None) -> list[Step]:
+def plan(
+    root: Path,
+    parts: list[str],
+    small_models: int,
+    medium_models: int,
+    mc_samples: int,
+    extra: list[str],
+    data_dir: str | None = None,
+) -> list[Step]:
     """The steps for ``parts``, members before their averages, the variational run before its MC evaluation.
     ``data_dir`` is the corpus folder for every step (default: each command's own, for PTB $LM_DATA_DIR or data/ptb)."""
     if data_dir is not None:
         extra = [*extra, f"data.dir={data_dir}"]
-    corpus = {"ensemble": ["--data-dir", data_dir], "evaluate": [f"data_dir={data_dir}"]} if data_dir else {"ensemble": [], "evaluate": []}
+    corpus = (
+        {"ensemble": ["--data-dir", data_dir], "evaluate": [f"data_dir={data_dir}"]}
+        if data_dir
+        else {"ensemble": [], "evaluate": []}
+    )
     steps: list[Step] = []
-    counts = {"small": ("zaremba_small", small_models), "medium": ("zaremba_medium", medium_models), "large": ("zaremba_large", 1),
-              "gal": ("gal_medium", 1)}
+    counts = {
+        "small": ("zaremba_small", small_models),
+        "medium": ("zaremba_medium", medium_models),
+        "large": ("zaremba_large", 1),
+        "gal": ("gal_medium", 1),
+    }
     for part in parts:
         experiment, n = counts[part]
         members = [_train(root, experiment, seed, extra) for seed in range(1, n + 1)]
         steps += members
         for size in (s for s in AVERAGE_SIZES.get(experiment, ()) if s <= n):
             out = root / experiment / f"average-{size}"
-            steps.append(Step(
-                f"average {size} {experiment} models",
-                [sys.executable, "-m", "lm.ensemble", *(str(m.result.parent / "checkpoint.pt") for m in members[:size]),
-                 "--out", str(out), "--no-members", *corpus["ensemble"]],
-                out / "ensemble.json", "--threads={}", needs=[m.name for m in members[:size]],
-            ))
+            steps.append(
+                Step(
+                    f"average {size} {experiment} models",
+                    [
+                        sys.executable,
+                        "-m",
+                        "lm.ensemble",
+                        *(str(m.result.parent / "checkpoint.pt") for m in members[:size]),
+                        "--out",
+                        str(out),
+                        "--no-members",
+                        *corpus["ensemble"],
+                    ],
+                    out / "ensemble.json",
+                    "--threads={}",
+                    needs=[m.name for m in members[:size]],
+                )
+            )
         if part == "gal":
             run = members[0].result.parent
-            steps.append(Step(
-                "evaluate gal_medium seed 1 with Monte Carlo dropout",
-                [sys.executable, "-m", "lm.evaluate", f"checkpoint={run / 'checkpoint.pt'}", f"eval.mc_samples={mc_samples}",
-                 f"output={run / 'eval.json'}", *corpus["evaluate"]],
-                run / "eval.json", "threads={}", needs=[members[0].name],
-            ))
+            steps.append(
+                Step(
+                    "evaluate gal_medium seed 1 with Monte Carlo dropout",
+                    [
+                        sys.executable,
+                        "-m",
+                        "lm.evaluate",
+                        f"checkpoint={run / 'checkpoint.pt'}",
+                        f"eval.mc_samples={mc_samples}",
+                        f"output={run / 'eval.json'}",
+                        *corpus["evaluate"],
+                    ],
+                    run / "eval.json",
+                    "threads={}",
+                    needs=[members[0].name],
+                )
+            )
     return steps
 
 
@@ -127,7 +176,7 @@ def core_sets(jobs: int, threads: int) -> list[tuple[int, ...]]:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < jobs * threads:
         return []
-    return [tuple(cores[k * threads:(k + 1) * threads]) for k in range(jobs)]
+    return [tuple(cores[k * threads : (k + 1) * threads]) for k in range(jobs)]
 
 
 def execute(steps: list[Step], jobs: int, threads: int, logs: Path) -> list[str]:
@@ -150,8 +199,11 @@ def execute(steps: list[Step], jobs: int, threads: int, logs: Path) -> list[str]
                 for r in running:
                     r.process.wait()
                     r.log.close()
-                raise TrainingInterrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name}; the same command continues "
-                                                   f"({len(running)} step(s) checkpointed)")
+                raise TrainingInterrupted(
+                    stop[0],
+                    f"stopped by {signal.Signals(stop[0]).name}; the same command continues "
+                    f"({len(running)} step(s) checkpointed)",
+                )
             for r in list(running):
                 code = r.process.poll()
                 if code is None:
@@ -191,8 +243,13 @@ def _start(step: Step, threads: int, logs: Path, cores: tuple[int, ...] = ()) ->
     where = f", core{'s' if len(cores) > 1 else ''} {','.join(map(str, cores))}" if cores else ""
     print(f"start: {step.name} ({threads} thread{'s' if threads > 1 else ''}{where})", flush=True)
     # its own session: a terminal's Ctrl-C reaches this command only, which passes SIGTERM on once
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=functools.partial(_in_child, cores) if sys.platform == "linux" else None)
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=functools.partial(_in_child, cores) if sys.platform == "linux" else None,
+    )
     return Running(step, process, log, time.perf_counter(), cores)
 
 
@@ -206,8 +263,17 @@ def _in_child(cores: tuple[int, ...]) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def reproduce(root: Path, parts: list[str], jobs: int, small_models: int, medium_models: int, mc_samples: int,
-              extra: list[str], data_dir: str | None = None, dry_run: bool = False) -> int:
+def reproduce(
+    root: Path,
+    parts: list[str],
+    jobs: int,
+    small_models: int,
+    medium_models: int,
+    mc_samples: int,
+    extra: list[str],
+    data_dir: str | None = None,
+    dry_run: bool = False,
+) -> int:
     """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed. One
     command at a time per ``root`` (a second one is refused in one line)."""
     check_output_folder(root, "--root")
@@ -240,8 +306,10 @@ def _run_plan(root: Path, steps: list[Step], jobs: int) -> int:
     print(write_report(root, plots=True, readme=None))
     left = [s.name for s in steps if not s.done]
     if left:
-        print(f"not done: {', '.join(left)}" + (f" (failed: {', '.join(failed)}; logs in {root / 'logs'})" if failed else ""),
-              file=sys.stderr)
+        print(
+            f"not done: {', '.join(left)}" + (f" (failed: {', '.join(failed)}; logs in {root / 'logs'})" if failed else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -251,11 +319,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="runs/table1", help="folder of every run, average and evaluation (default runs/table1)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="rows to reproduce (default: all)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="steps at once; the cores are shared among them")
-    parser.add_argument("--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5 and 10)")
-    parser.add_argument("--medium-models", type=positive_int, default=3, help="medium models trained (mean ± std; averages of 2 and 3)")
-    parser.add_argument("--mc-samples", type=positive_int, default=100, help="Monte Carlo dropout samples for the variational model")
-    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override added to every training, e.g. trainer.precision=bf16 (repeatable)")
+    parser.add_argument(
+        "--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5 and 10)"
+    )
+    parser.add_argument(
+        "--medium-models", type=positive_int, default=3, help="medium models trained (mean ± std; averages of 2 and 3)"
+    )
+    parser.add_argument(
+        "--mc-samples", type=positive_int, default=100, help="Monte Carlo dropout samples for the variational model"
+    )
+    parser.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every training, e.g. trainer.precision=bf16 (repeatable)",
+    )
     parser.add_argument("--data-dir", help="the corpus folder for every step (default for PTB: $LM_DATA_DIR, else data/ptb)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is done, run nothing")
     args = parser.parse_args(argv)
@@ -263,9 +342,20 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         for arg in args.train_arg:
             if "=" not in arg or arg.split("=", 1)[0].lstrip("+~") in SET_HERE:
-                raise UsageError(f"--train-arg {arg!r}: give KEY=VALUE, a key other than {', '.join(SET_HERE)} (this command sets them)")
-        code = reproduce(Path(args.root), args.parts, args.jobs, args.small_models, args.medium_models, args.mc_samples,
-                         args.train_arg, args.data_dir, args.dry_run)
+                raise UsageError(
+                    f"--train-arg {arg!r}: give KEY=VALUE, a key other than {', '.join(SET_HERE)} (this command sets them)"
+                )
+        code = reproduce(
+            Path(args.root),
+            args.parts,
+            args.jobs,
+            args.small_models,
+            args.medium_models,
+            args.mc_samples,
+            args.train_arg,
+            args.data_dir,
+            args.dry_run,
+        )
         if code:
             raise SystemExit(code)
 

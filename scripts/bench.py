@@ -35,13 +35,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm import kernels  # noqa: E402
-from lm.infra.checkpoint import atomic_write_json  # noqa: E402
 from lm.config import compose, validate  # noqa: E402
 from lm.data.batching import batchify, bptt_windows  # noqa: E402
 from lm.engine.evaluation import evaluate  # noqa: E402
-from lm.model.language_model import LSTMLanguageModel  # noqa: E402
 from lm.engine.runtime import fp32_products  # noqa: E402
 from lm.engine.step import train_epoch  # noqa: E402
+from lm.infra.checkpoint import atomic_write_json  # noqa: E402
+from lm.model.language_model import LSTMLanguageModel  # noqa: E402
 
 SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
 VOCAB, BATCH, LAYERS = 10_000, 20, 2  # the same in every recipe (recipe_shapes checks it)
@@ -54,8 +54,10 @@ def recipe_shapes(name: str) -> tuple[int, int, float, float]:
     configs hold every size, this script none."""
     cfg = validate(compose("train", [f"experiment=zaremba_{name}"]))
     if (cfg.data.batch_size, cfg.model.num_layers) != (BATCH, LAYERS):
-        raise SystemExit(f"bench assumes batch {BATCH} and {LAYERS} layers; zaremba_{name} has "
-                         f"{cfg.data.batch_size} and {cfg.model.num_layers}")
+        raise SystemExit(
+            f"bench assumes batch {BATCH} and {LAYERS} layers; zaremba_{name} has "
+            f"{cfg.data.batch_size} and {cfg.model.num_layers}"
+        )
     return cfg.model.hidden_size, cfg.data.bptt, cfg.model.dropout, cfg.model.init_scale
 
 
@@ -97,7 +99,10 @@ def reference_steps(model: ReferenceLM, windows, hidden_size: int) -> float:
 def reference_eval(model: ReferenceLM, data: torch.Tensor, bptt: int, hidden_size: int) -> float:
     model.eval()
     device = next(model.parameters()).device
-    h = (torch.zeros(LAYERS, data.size(0), hidden_size, device=device), torch.zeros(LAYERS, data.size(0), hidden_size, device=device))
+    h = (
+        torch.zeros(LAYERS, data.size(0), hidden_size, device=device),
+        torch.zeros(LAYERS, data.size(0), hidden_size, device=device),
+    )
     _sync(device)
     start = time.perf_counter()
     for x, y in bptt_windows(data, bptt):
@@ -134,9 +139,9 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10
     best = 0.0
     for n in (4096, 8192) if device.type == "cuda" else (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        spent = _timed(lambda: a @ b, device)  # warm-up
+        spent = _timed(lambda a=a, b=b: a @ b, device)  # warm-up
         for _ in range(reps):
-            took = _timed(lambda: a @ b, device)
+            took = _timed(lambda a=a, b=b: a @ b, device)
             best, spent = max(best, 2 * n**3 / took / 1e9), spent + took
             if spent > seconds:
                 break
@@ -170,7 +175,9 @@ def gemm_seconds(hidden: int, bptt: int, dtype: torch.dtype, device: torch.devic
         a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         calls = min(count, 8)
-        seconds = statistics.median(_timed(lambda: [a @ b for _ in range(calls)], device) / calls for _ in range(reps))
+        seconds = statistics.median(
+            _timed(lambda a=a, b=b, calls=calls: [a @ b for _ in range(calls)], device) / calls for _ in range(reps)
+        )
         total += count * seconds
         flop += count * 2 * m * k * n
     return {"seconds": total, "gflops": flop / total / 1e9}
@@ -205,11 +212,15 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
         del steps["bf16"], steps["bf16_casts"]
     train = interleaved_rates(steps, tokens, reps)
     eval_ids = stream[: tokens + 1]
-    evals = interleaved_rates({
-        "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500), device),
-        "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt), device),
-        "reference": lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden),
-    }, tokens, reps)
+    evals = interleaved_rates(
+        {
+            "stream": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, 1), 500), device),
+            "batched": lambda: _timed(lambda: evaluate(ours, batchify(eval_ids, BATCH), bptt), device),
+            "reference": lambda: reference_eval(ref, batchify(eval_ids, BATCH), bptt, hidden),
+        },
+        tokens,
+        reps,
+    )
     gemms = gemm_seconds(hidden, bptt, torch.bfloat16, device, reps) if bf16 else None
     median = statistics.median
     return {
@@ -269,8 +280,10 @@ def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dic
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
         timers[name] = lambda model=model, opt=opt: train_epoch(model, windows, opt, 5.0).seconds
     out = interleaved_rates(timers, tokens, reps)
-    return {name: {"train_tokens_per_s": statistics.median(rates), "slowdown_vs_zaremba": paired_ratio(out["zaremba"], rates)}
-            for name, rates in out.items()}
+    return {
+        name: {"train_tokens_per_s": statistics.median(rates), "slowdown_vs_zaremba": paired_ratio(out["zaremba"], rates)}
+        for name, rates in out.items()
+    }
 
 
 # bf16 step / fp32 reference, by the CPU's bf16 instructions (issue 13): with AMX bf16 products are
@@ -284,7 +297,9 @@ def check_targets(results: dict, fp32: float, bf16: float, bf16_isa: str = "AVX5
     """The speed targets as ratios from this run, each with the bound that limits it where it is missed."""
     out = []
     for name, r in results.items():
-        out.append({"target": f"{name}: ours fp32 >= 1.0x reference", "measured": r["train_ratio"], "met": r["train_ratio"] >= 1.0})
+        out.append(
+            {"target": f"{name}: ours fp32 >= 1.0x reference", "measured": r["train_ratio"], "met": r["train_ratio"] >= 1.0}
+        )
     for name, r in results.items():
         if r["train_bf16_ratio"] is None:  # bf16 not timed (emulated on this CPU)
             continue
@@ -294,17 +309,31 @@ def check_targets(results: dict, fp32: float, bf16: float, bf16_isa: str = "AVX5
         ceiling = bf16 * 1e9 / r["train_flop_per_token"] / ref
         shapes = r["bf16_gemm_only_tokens_per_s"] / ref
         share = r["train_bf16_ratio"] / shapes
-        why = (f"bound {ceiling:.2f}x at the bf16 ceiling; the step's products timed alone at their own shapes "
-               f"({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s) would allow {shapes:.2f}x and fill {share:.0%} of "
-               f"our step; the other {1 - share:.0%} is element-wise, dropout, loss and optimizer work")
+        why = (
+            f"bound {ceiling:.2f}x at the bf16 ceiling; the step's products timed alone at their own shapes "
+            f"({r['bf16_gemm_gflops_at_step_shapes']:.0f} GFLOP/s) would allow {shapes:.2f}x and fill {share:.0%} of "
+            f"our step; the other {1 - share:.0%} is element-wise, dropout, loss and optimizer work"
+        )
         goal = BF16_TARGETS.get(bf16_isa, {}).get(name)
         if goal is not None:
-            out.append({"target": f"{name}: ours bf16 >= {goal}x fp32 reference ({bf16_isa})", "measured": r["train_bf16_ratio"],
-                        "met": r["train_bf16_ratio"] >= goal, "why": why})
+            out.append(
+                {
+                    "target": f"{name}: ours bf16 >= {goal}x fp32 reference ({bf16_isa})",
+                    "measured": r["train_bf16_ratio"],
+                    "met": r["train_bf16_ratio"] >= goal,
+                    "why": why,
+                }
+            )
         least = PRODUCT_SHARE_TARGETS.get(name)
         if least is not None:
-            out.append({"target": f"{name}: products fill >= {least:.0%} of the bf16 step", "measured": share,
-                        "met": share >= least, "why": why})
+            out.append(
+                {
+                    "target": f"{name}: products fill >= {least:.0%} of the bf16 step",
+                    "measured": share,
+                    "met": share >= least,
+                    "why": why,
+                }
+            )
     return out
 
 
@@ -359,23 +388,30 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
     time_bf16 = device.type == "cuda" or cpu["bf16"] != "none"
     results = {}
     for name in sizes:
-        r = bench_size(name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device,
-                       bf16=time_bf16)
+        r = bench_size(
+            name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device, bf16=time_bf16
+        )
         r["fraction_of_fp32_matmul_ceiling"] = r["train_tokens_per_s"] * r["train_flop_per_token"] / (fp32 * 1e9)
         r["bf16_fraction_of_bf16_matmul_ceiling"] = (
-            r["train_bf16_tokens_per_s"] * r["train_flop_per_token"] / (bf16 * 1e9) if time_bf16 else None)
+            r["train_bf16_tokens_per_s"] * r["train_flop_per_token"] / (bf16 * 1e9) if time_bf16 else None
+        )
         r["reference_eval_fraction_of_fp32_ceiling"] = (
-            r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9))
+            r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9)
+        )
         results[name] = r
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     fused = kernels.available("cpu")
     print(f"CPU: {cpu['model']}; bf16 instructions: {cpu['bf16']}; fused CPU kernels: {'yes' if fused else 'no'}")
     print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {where}")
     if not time_bf16:
-        print(f"bf16 is emulated on this CPU ({fp32 / bf16:.0f}x below fp32 at the matmul ceiling): its step is not "
-              "timed; train with trainer.precision=fp32 here")
-    print(f"{'size':<7} {'ours fp32':>9} {'ours bf16':>9} {'reference':>9} {'fp32 x':>6} {'bf16 x':>6} "
-          f"{'eval stream':>11} {'eval batched':>12} {'ref eval':>8} {'stream x':>8} {'fp32 ceil':>9} {'bf16 ceil':>9}")
+        print(
+            f"bf16 is emulated on this CPU ({fp32 / bf16:.0f}x below fp32 at the matmul ceiling): its step is not "
+            "timed; train with trainer.precision=fp32 here"
+        )
+    print(
+        f"{'size':<7} {'ours fp32':>9} {'ours bf16':>9} {'reference':>9} {'fp32 x':>6} {'bf16 x':>6} "
+        f"{'eval stream':>11} {'eval batched':>12} {'ref eval':>8} {'stream x':>8} {'fp32 ceil':>9} {'bf16 ceil':>9}"
+    )
     for name, r in results.items():
         print(
             f"{name:<7} {r['train_tokens_per_s']:>9,.0f} {_cell(r['train_bf16_tokens_per_s'], ',.0f', 9)} "
@@ -386,21 +422,38 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
         )
     targets = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
     if time_bf16:
-        print("bf16 step with weight copies against the same step casting the weights: " + ", ".join(
-            f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items()))
+        print(
+            "bf16 step with weight copies against the same step casting the weights: "
+            + ", ".join(f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items())
+        )
     for name, r in results.items():
         if r["host_syncs"] is not None:
-            print(f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of {r['host_syncs']['windows']} training windows")
+            print(
+                f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of "
+                f"{r['host_syncs']['windows']} training windows"
+            )
     for t in targets:
-        print(f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}" + (f" ({t['why']})" if t.get("why") else ""))
+        print(
+            f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}"
+            + (f" ({t['why']})" if t.get("why") else "")
+        )
     variants = bench_variants(windows, reps, device) if args.variants else None
     if variants:
-        print("dropout strategies at medium: " + ", ".join(
-            f"{n} {v['train_tokens_per_s']:,.0f} tok/s ({v['slowdown_vs_zaremba']:.2f}x)" for n, v in variants.items()))
+        print(
+            "dropout strategies at medium: "
+            + ", ".join(
+                f"{n} {v['train_tokens_per_s']:,.0f} tok/s ({v['slowdown_vs_zaremba']:.2f}x)" for n, v in variants.items()
+            )
+        )
         if device.type == "cuda":  # the masked window (torch.compile) against cuDNN's LSTM
             slowdown = variants["variational"]["slowdown_vs_zaremba"]
-            targets.append({"target": f"medium: variational step <= {GPU_VARIANT_SLOWDOWN}x the zaremba step (GPU)",
-                            "measured": slowdown, "met": slowdown <= GPU_VARIANT_SLOWDOWN})
+            targets.append(
+                {
+                    "target": f"medium: variational step <= {GPU_VARIANT_SLOWDOWN}x the zaremba step (GPU)",
+                    "measured": slowdown,
+                    "met": slowdown <= GPU_VARIANT_SLOWDOWN,
+                }
+            )
             print(f"target {targets[-1]['target']}: {slowdown:.2f} -> {'met' if targets[-1]['met'] else 'NOT met'}")
     report = {
         "quick": args.quick,
@@ -409,7 +462,8 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
         "device": where if device.type == "cuda" else "cpu",
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-        if device.type == "cuda" else None,
+        if device.type == "cuda"
+        else None,
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor(),

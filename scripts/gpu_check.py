@@ -179,8 +179,19 @@ def create_overlay(folder: Path, dirs: list[str]) -> Path:
 
 def install_command(python: Path, wheels: Path, reqs: list[str]) -> list[str]:
     """pip from the overlay, offline, from the wheel folder only."""
-    return [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "--no-input", "--no-compile",
-            "--disable-pip-version-check", *reqs]
+    return [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "--no-input",
+        "--no-compile",
+        "--disable-pip-version-check",
+        *reqs,
+    ]
 
 
 def wheels_problem(wheels: Path) -> str | None:
@@ -254,10 +265,33 @@ def bench_command(python: Path, out: Path, dry_run: bool) -> list[str]:
     """All three sizes in bench's quick form on the GPU, and the dropout strategies at medium (the
     variational step against the zaremba one); on CPU the smallest size alone, one thread."""
     if dry_run:
-        return [str(python), "scripts/bench.py", "--device", "cpu", "--quick", "--sizes", "small", "--threads", "1",
-                "--out", str(out / "bench-cpu.json")]
-    return [str(python), "scripts/bench.py", "--device", "cuda", "--quick", "--sizes", "small", "medium", "large",
-            "--variants", "--out", str(out / "bench-cuda.json")]
+        return [
+            str(python),
+            "scripts/bench.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--sizes",
+            "small",
+            "--threads",
+            "1",
+            "--out",
+            str(out / "bench-cpu.json"),
+        ]
+    return [
+        str(python),
+        "scripts/bench.py",
+        "--device",
+        "cuda",
+        "--quick",
+        "--sizes",
+        "small",
+        "medium",
+        "large",
+        "--variants",
+        "--out",
+        str(out / "bench-cuda.json"),
+    ]
 
 
 # ---------------------------------------------------------------- training
@@ -266,8 +300,11 @@ def bench_command(python: Path, out: Path, dry_run: bool) -> list[str]:
 def write_tiny_corpus(folder: Path, seed: int = 0) -> Path:
     """train/valid/test.txt of short made-up sentences: the dry run's corpus (no PTB needed)."""
     rng = random.Random(seed)
-    words = {"subject": ["the cat", "a dog", "the market", "she"], "verb": ["sees", "buys", "sold"],
-             "object": ["the fish", "shares", "N dollars", "a plan"]}
+    words = {
+        "subject": ["the cat", "a dog", "the market", "she"],
+        "verb": ["sees", "buys", "sold"],
+        "object": ["the fish", "shares", "N dollars", "a plan"],
+    }
     folder.mkdir(parents=True, exist_ok=True)
     for split, lines in (("train", 200), ("valid", 40), ("test", 40)):
         text = "\n".join(" ".join(rng.choice(words[part]) for part in words) for _ in range(lines))
@@ -277,18 +314,34 @@ def write_tiny_corpus(folder: Path, seed: int = 0) -> Path:
 
 def training_command(python: Path, recipe: str, run_dir: Path, dry_run: bool, corpus: Path | None, extra: list[str]) -> list[str]:
     """``python -m lm.train`` of a recipe into its own folder; in a dry run the tiny model, 2 steps on CPU."""
-    command = [str(python), "-m", "lm.train", f"experiment={recipe}", "trainer.seed=1", "trainer.progress=false",
-               f"hydra.run.dir={run_dir}"]
+    command = [
+        str(python),
+        "-m",
+        "lm.train",
+        f"experiment={recipe}",
+        "trainer.seed=1",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     if dry_run:
-        command += ["model=tiny", "data=custom", f"data.dir={corpus}", "data.batch_size=4", "data.bptt=5",
-                    "trainer.max_steps=2", "trainer.device=cpu", "trainer.threads=1"]
+        command += [
+            "model=tiny",
+            "data=custom",
+            f"data.dir={corpus}",
+            "data.batch_size=4",
+            "data.bptt=5",
+            "trainer.max_steps=2",
+            "trainer.device=cpu",
+            "trainer.threads=1",
+        ]
     else:
         command += ["trainer.device=cuda", "data.download=false"]
     return command + extra
 
 
-def train_concurrently(commands: dict[str, list[str]], logs: dict[str, Path], clock: Clock, stop_at: float,
-                       grace: float, env: dict) -> dict[str, Phase]:
+def train_concurrently(
+    commands: dict[str, list[str]], logs: dict[str, Path], clock: Clock, stop_at: float, grace: float, env: dict
+) -> dict[str, Phase]:
     """Start every command at once; SIGTERM those still running at ``stop_at`` (on ``clock``), SIGKILL
     after ``grace``. Exit 143 after our SIGTERM is the expected end of a run that had more to train."""
     processes: dict[str, subprocess.Popen] = {}
@@ -298,8 +351,9 @@ def train_concurrently(commands: dict[str, list[str]], logs: dict[str, Path], cl
     try:
         for name, command in commands.items():
             with open(logs[name], "w") as log:  # the child keeps its own copy of the descriptor
-                processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True)
+                processes[name] = subprocess.Popen(
+                    command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         while len(ended) < len(processes) and clock.now() < stop_at:
             time.sleep(min(1.0, max(0.05, stop_at - clock.now())))
             ended.update({n: clock.now() for n, p in processes.items() if n not in ended and p.poll() is not None})
@@ -314,8 +368,13 @@ def train_concurrently(commands: dict[str, list[str]], logs: dict[str, Path], cl
             stop(process, grace)
     phases = {}
     for name, command in commands.items():
-        phase = Phase(f"train {name}", command, exit_code=exit_code(processes[name].returncode),
-                      minutes=(ended[name] - started) / MINUTE, detail={"stopped_by_deadline": name in late})
+        phase = Phase(
+            f"train {name}",
+            command,
+            exit_code=exit_code(processes[name].returncode),
+            minutes=(ended[name] - started) / MINUTE,
+            detail={"stopped_by_deadline": name in late},
+        )
         phase.ok = phase.exit_code in ((0, 143) if name in late else (0,))
         phases[name] = phase
     return phases
@@ -347,8 +406,12 @@ def collect_run(run_dir: Path, into: Path, console: Path) -> dict:
             shutil.copy2(run_dir / name, into / name)
     log_text = (run_dir / "train.log").read_text() if (run_dir / "train.log").is_file() else ""
     epochs = epoch_records(log_text)
-    result = {"run_dir": str(run_dir), "epochs": epochs, "epochs_done": len(epochs),
-              "console_tail": console.read_text(errors="replace").splitlines()[-15:] if console.is_file() else []}
+    result = {
+        "run_dir": str(run_dir),
+        "epochs": epochs,
+        "epochs_done": len(epochs),
+        "console_tail": console.read_text(errors="replace").splitlines()[-15:] if console.is_file() else [],
+    }
     if epochs:
         result["median_words_per_s"] = sorted(e["words_per_s"] for e in epochs)[len(epochs) // 2]
     if (run_dir / "metrics.json").is_file():
@@ -360,8 +423,9 @@ def collect_run(run_dir: Path, into: Path, console: Path) -> dict:
 # ---------------------------------------------------------------- the check
 
 
-def train_recipes(python: Path, args: argparse.Namespace, runs_dir: Path, out: Path, clock: Clock, budget: Budget,
-                  env: dict) -> tuple[list[Phase], dict]:
+def train_recipes(
+    python: Path, args: argparse.Namespace, runs_dir: Path, out: Path, clock: Clock, budget: Budget, env: dict
+) -> tuple[list[Phase], dict]:
     """Both recipes at once, each in a fresh folder of its own under ``runs_dir``; their small files
     copied into ``out``. Returns the phases and what summary.json says of each run."""
     corpus = write_tiny_corpus(runs_dir / "corpus") if args.dry_run else None
@@ -382,22 +446,38 @@ def train_recipes(python: Path, args: argparse.Namespace, runs_dir: Path, out: P
     for recipe, phase in trained.items():
         runs[recipe] = collect_run(runs_dir / recipe, out / recipe, consoles[recipe])
         how = "stopped at the mark" if phase.detail["stopped_by_deadline"] else "finished"
-        say(clock, f"{recipe}: {how}, exit {phase.exit_code}, {runs[recipe]['epochs_done']} epochs, "
-                   f"median {runs[recipe].get('median_words_per_s', 0):,.0f} words/s")
+        say(
+            clock,
+            f"{recipe}: {how}, exit {phase.exit_code}, {runs[recipe]['epochs_done']} epochs, "
+            f"median {runs[recipe].get('median_words_per_s', 0):,.0f} words/s",
+        )
     return list(trained.values()), runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same phases on CPU in seconds: no install, a tiny model")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-check", help="output folder (default $OUT, else gpu-check/)")
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT") or "gpu-check", help="output folder (default $OUT, else gpu-check/)"
+    )
     parser.add_argument("--wheels", default="wheels", help="the folder `make wheels` filled (default wheels/)")
     parser.add_argument("--venv", default=".gpu-venv", help="where the dependencies are installed (default .gpu-venv/)")
-    parser.add_argument("--runs-dir", default="runs/gpu-check", help="the training runs' folders, emptied first (default runs/gpu-check/)")
-    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override for both trainings, e.g. trainer.precision=bf16 (repeatable)")
-    parser.add_argument("--stop-training-at", type=float, default=Budget.stop_training_at / MINUTE,
-                        help="minutes since the start at which the trainings get SIGTERM (default 8.5)")
+    parser.add_argument(
+        "--runs-dir", default="runs/gpu-check", help="the training runs' folders, emptied first (default runs/gpu-check/)"
+    )
+    parser.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override for both trainings, e.g. trainer.precision=bf16 (repeatable)",
+    )
+    parser.add_argument(
+        "--stop-training-at",
+        type=float,
+        default=Budget.stop_training_at / MINUTE,
+        help="minutes since the start at which the trainings get SIGTERM (default 8.5)",
+    )
     return parser.parse_args(argv)
 
 
@@ -408,8 +488,13 @@ def say(clock: Clock, message: str) -> None:
 def finish(phases: list[Phase], runs: dict, info: dict, out: Path, clock: Clock) -> int:
     """Write summary.json; 0 when every phase ended as expected."""
     ok = bool(phases) and all(p.ok for p in phases)
-    summary = {**info, "ok": ok, "minutes": round(clock.now() / MINUTE, 2),
-               "phases": [{**vars(p), "minutes": round(p.minutes, 2)} for p in phases], "runs": runs}
+    summary = {
+        **info,
+        "ok": ok,
+        "minutes": round(clock.now() / MINUTE, 2),
+        "phases": [{**vars(p), "minutes": round(p.minutes, 2)} for p in phases],
+        "runs": runs,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(clock, f"{'ok' if ok else 'FAILED'}: {out / 'summary.json'}")
     return 0 if ok else 1
@@ -424,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     log_path.write_text("")
     data_dir = None if args.dry_run else Path(os.environ.get("LM_DATA_DIR") or "data/ptb").resolve()
     env = child_env(args.dry_run, data_dir)
-    info = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "data_dir": str(data_dir) if data_dir else None}
+    info = {
+        "dry_run": args.dry_run,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data_dir": str(data_dir) if data_dir else None,
+    }
     phases: list[Phase] = []
 
     if args.dry_run:
@@ -433,20 +522,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         phase, python = install(Path(args.wheels).resolve(), Path(args.venv).resolve(), env, log_path, budget.install)
         phases.append(phase)
-        say(clock, f"install: {phase.skipped or ('ok' if phase.ok else phase.detail.get('error') or f'exit {phase.exit_code}, see {log_path}')}")
+        say(
+            clock,
+            "install: "
+            + (phase.skipped or ("ok" if phase.ok else phase.detail.get("error") or f"exit {phase.exit_code}, see {log_path}")),
+        )
         if not phase.ok:
             return finish(phases, {}, info, out, clock)
 
     info["versions"] = found = versions(python, env)
     say(clock, "versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
-    problem = found.get("error") or (None if args.dry_run or found.get("gpu") else "torch sees no GPU here (--dry-run runs on CPU)")
+    problem = found.get("error") or (
+        None if args.dry_run or found.get("gpu") else "torch sees no GPU here (--dry-run runs on CPU)"
+    )
     if problem:
         phases.append(Phase("versions", detail={"error": problem}))
         say(clock, f"versions: {problem}")
         return finish(phases, {}, info, out, clock)
 
-    for phase, timeout in ((Phase("tests", tests_command(python)), budget.tests),
-                           (Phase("bench", bench_command(python, out, args.dry_run)), budget.bench)):
+    for phase, timeout in (
+        (Phase("tests", tests_command(python)), budget.tests),
+        (Phase("bench", bench_command(python, out, args.dry_run)), budget.bench),
+    ):
         phases.append(run_phase(phase, timeout, env, log_path))
         say(clock, f"{phase.name}: exit {phase.exit_code}{' (timed out)' if phase.timed_out else ''}, {phase.minutes:.1f} min")
 

@@ -22,20 +22,39 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm import kernels  # noqa: E402
-from lm.infra.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from lm.config import compose, validate  # noqa: E402
 from lm.data.batching import batchify, bptt_windows  # noqa: E402
-from lm.model.language_model import LSTMLanguageModel  # noqa: E402
 from lm.engine.step import train_epoch  # noqa: E402
+from lm.infra.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from lm.model.language_model import LSTMLanguageModel  # noqa: E402
 
 VOCAB = 10_000
-CATEGORIES = ("products", "oneDNN LSTM layer (products and gates)", "gate arithmetic", "loss (softmax)", "dropout",
-              "casts and weight layouts", "clipping", "optimizer (SGD)", "embedding", "allocation and zeroing", "other ops",
-              "Python and dispatch")
+CATEGORIES = (
+    "products",
+    "oneDNN LSTM layer (products and gates)",
+    "gate arithmetic",
+    "loss (softmax)",
+    "dropout",
+    "casts and weight layouts",
+    "clipping",
+    "optimizer (SGD)",
+    "embedding",
+    "allocation and zeroing",
+    "other ops",
+    "Python and dispatch",
+)
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
 CASTS = {"aten::copy_", "aten::_to_copy", "aten::to", "mkldnn::_reorder_linear_weight"}
-ALLOCATION = {"aten::empty", "aten::empty_like", "aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_",
-              "aten::empty_strided", "aten::resize_"}
+ALLOCATION = {
+    "aten::empty",
+    "aten::empty_like",
+    "aten::zeros",
+    "aten::zeros_like",
+    "aten::fill_",
+    "aten::zero_",
+    "aten::empty_strided",
+    "aten::resize_",
+}
 CLIPPING = {"aten::_foreach_norm", "aten::linalg_vector_norm", "aten::stack", "aten::isfinite"}
 REGIONS = (  # a marker in the op's or an enclosing region's name -> category
     ("LSTMWindow", "gate arithmetic"),
@@ -47,16 +66,29 @@ REGIONS = (  # a marker in the op's or an enclosing region's name -> category
     ("WeightCopies.step", "optimizer (SGD)"),  # SGD on the weights with bf16 copies, the copies rewritten
     ("embedding", "embedding"),
 )
-DROPOUT_OPS = {"aten::uniform_", "aten::bernoulli_", "aten::lt", "aten::div_", "aten::native_dropout",
-               "aten::native_dropout_backward"}
+DROPOUT_OPS = {
+    "aten::uniform_",
+    "aten::bernoulli_",
+    "aten::lt",
+    "aten::div_",
+    "aten::native_dropout",
+    "aten::native_dropout_backward",
+}
 
 
 def recipe_shapes(size: str) -> dict:
     """The recipe's shapes, read from its preset (the configs hold every size, nowhere else)."""
     cfg = validate(compose("train", [f"experiment=zaremba_{size}"]))
     m = cfg.model
-    return {"hidden": m.hidden_size, "layers": m.num_layers, "dropout": m.dropout, "init": m.init_scale,
-            "batch": cfg.data.batch_size, "bptt": cfg.data.bptt, "max_grad_norm": cfg.optim.max_grad_norm}
+    return {
+        "hidden": m.hidden_size,
+        "layers": m.num_layers,
+        "dropout": m.dropout,
+        "init": m.init_scale,
+        "batch": cfg.data.batch_size,
+        "bptt": cfg.data.bptt,
+        "max_grad_norm": cfg.optim.max_grad_norm,
+    }
 
 
 def categorize(event) -> str:
@@ -111,9 +143,15 @@ def profile_recipe(size: str, precision: str, steps: int) -> dict:
     per_step = {c: seconds.get(c, 0.0) * scale for c in CATEGORIES[:-1]}
     per_step["Python and dispatch"] = max(wall - sum(per_step.values()), 0.0)
     products = per_step["products"] + per_step["oneDNN LSTM layer (products and gates)"]
-    return {"size": size, "precision": precision, "step_ms": wall * 1e3,
-            "tokens_per_s": batch * bptt / wall, "ms": {c: v * 1e3 for c, v in per_step.items()},
-            "products_share": products / wall, "shape": shape}
+    return {
+        "size": size,
+        "precision": precision,
+        "step_ms": wall * 1e3,
+        "tokens_per_s": batch * bptt / wall,
+        "ms": {c: v * 1e3 for c, v in per_step.items()},
+        "products_share": products / wall,
+        "shape": shape,
+    }
 
 
 def markdown(results: list[dict], cpu: dict, threads: int) -> str:
@@ -144,8 +182,13 @@ def markdown(results: list[dict], cpu: dict, threads: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="*", default=["small", "medium", "large"], choices=["small", "medium", "large"])
-    parser.add_argument("--precisions", nargs="*", default=None, choices=["fp32", "bf16"],
-                        help="default fp32 and bf16; fp32 alone where the CPU has no bf16 instructions (emulated)")
+    parser.add_argument(
+        "--precisions",
+        nargs="*",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="default fp32 and bf16; fp32 alone where the CPU has no bf16 instructions (emulated)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="windows per timing (large uses a third)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="results/profile", help="folder for README.md and profile.json")
@@ -165,13 +208,18 @@ def main(argv: list[str] | None = None) -> None:
         for precision in precisions:
             steps = max(2, args.steps // 3) if size == "large" else args.steps
             r = profile_recipe(size, precision, steps)
-            print(f"{size} {precision}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"products {r['products_share']:.0%}", flush=True)
+            print(
+                f"{size} {precision}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+                f"products {r['products_share']:.0%}",
+                flush=True,
+            )
             results.append(r)
     text = markdown(results, cpu, torch.get_num_threads())
     atomic_write_text(out / "README.md", text)
-    atomic_write_json(out / "profile.json", {"cpu": cpu, "threads": torch.get_num_threads(),
-                                             "torch_version": torch.__version__, "results": results})
+    atomic_write_json(
+        out / "profile.json",
+        {"cpu": cpu, "threads": torch.get_num_threads(), "torch_version": torch.__version__, "results": results},
+    )
     print(text)
     print(f"wrote {out / 'README.md'} and {out / 'profile.json'}")
 

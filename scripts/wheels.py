@@ -39,8 +39,9 @@ def project_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(1)).lower()
 
 
-def requirements(pyproject: Path = REPO / "pyproject.toml", extras: tuple[str, ...] = EXTRAS,
-                 excluded: tuple[str, ...] = EXCLUDED) -> list[str]:
+def requirements(
+    pyproject: Path = REPO / "pyproject.toml", extras: tuple[str, ...] = EXTRAS, excluded: tuple[str, ...] = EXCLUDED
+) -> list[str]:
     """pyproject's dependencies, the ``extras`` and the build requirements, without ``excluded``
     (by name, whatever their pins), each once, in the file's order."""
     data = tomllib.loads(pyproject.read_text())
@@ -64,23 +65,48 @@ def resolve(reqs: list[str], pip: list[str]) -> list[dict]:
         report = Path(tmp) / "report.json"
         _run([*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *reqs])
         items = json.loads(report.read_text())["install"]
-    return [{"name": project_name(i["metadata"]["name"]), "version": i["metadata"]["version"],
-             "wheel": i["download_info"]["url"].endswith(".whl")} for i in items]
+    return [
+        {
+            "name": project_name(i["metadata"]["name"]),
+            "version": i["metadata"]["version"],
+            "wheel": i["download_info"]["url"].endswith(".whl"),
+        }
+        for i in items
+    ]
 
 
-def download_commands(resolved: list[dict], dest: Path, pip: list[str], python_version: str = PYTHON_VERSION,
-                      excluded: tuple[str, ...] = EXCLUDED) -> list[list[str]]:
+def download_commands(
+    resolved: list[dict], dest: Path, pip: list[str], python_version: str = PYTHON_VERSION, excluded: tuple[str, ...] = EXCLUDED
+) -> list[list[str]]:
     """pip commands that put a wheel of each resolved pin but ``excluded`` into ``dest``: binary ones
     fetched for the target platform and Python, source-only ones built here (pure Python, so the
     wheel runs anywhere)."""
     drop = {project_name(name) for name in excluded}
-    pins = {wheel: [f"{d['name']}=={d['version']}" for d in resolved if d["wheel"] == wheel and d["name"] not in drop]
-            for wheel in (True, False)}
+    pins = {
+        wheel: [f"{d['name']}=={d['version']}" for d in resolved if d["wheel"] == wheel and d["name"] not in drop]
+        for wheel in (True, False)
+    }
     platforms = [arg for tag in PLATFORMS for arg in ("--platform", tag)]
     commands = []
     if pins[True]:
-        commands.append([*pip, "download", "--no-deps", "--only-binary=:all:", *platforms, "--python-version", python_version,
-                         "--implementation", "cp", "--abi", "cp" + python_version.replace(".", ""), "--dest", str(dest), *pins[True]])
+        commands.append(
+            [
+                *pip,
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                *platforms,
+                "--python-version",
+                python_version,
+                "--implementation",
+                "cp",
+                "--abi",
+                "cp" + python_version.replace(".", ""),
+                "--dest",
+                str(dest),
+                *pins[True],
+            ]
+        )
     if pins[False]:
         commands.append([*pip, "wheel", "--no-deps", "--wheel-dir", str(dest), *pins[False]])
     return commands
@@ -89,8 +115,10 @@ def download_commands(resolved: list[dict], dest: Path, pip: list[str], python_v
 def check_this_machine() -> None:
     """pip resolves environment markers for the machine it runs on: it must be Linux x86_64 like the target."""
     if (sys.platform, platform.machine()) != ("linux", "x86_64"):
-        raise SystemExit(f"error: make wheels resolves for the machine it runs on: run it on Linux x86_64 "
-                         f"(this is {sys.platform} {platform.machine()})")
+        raise SystemExit(
+            f"error: make wheels resolves for the machine it runs on: run it on Linux x86_64 "
+            f"(this is {sys.platform} {platform.machine()})"
+        )
 
 
 def _run(command: list[str]) -> None:
@@ -102,8 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", default="wheels", help="the folder to fill (default wheels/)")
     parser.add_argument("--python-version", default=PYTHON_VERSION, help=f"the GPU machine's CPython (default {PYTHON_VERSION})")
-    parser.add_argument("--exclude", nargs="*", default=[], metavar="NAME",
-                        help="also leave out these distributions (ones the GPU machine already has, to carry less)")
+    parser.add_argument(
+        "--exclude",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="also leave out these distributions (ones the GPU machine already has, to carry less)",
+    )
     args = parser.parse_args(argv)
     check_this_machine()
     pip = [sys.executable, "-m", "pip"]
@@ -115,8 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     resolved = resolve(reqs, pip)
     for command in download_commands(resolved, dest, pip, args.python_version, excluded):
         _run(command)
-    manifest = {"python_version": args.python_version, "platforms": list(PLATFORMS), "requirements": reqs,
-                "excluded": list(excluded), "resolved": [f"{d['name']}=={d['version']}" for d in resolved]}
+    manifest = {
+        "python_version": args.python_version,
+        "platforms": list(PLATFORMS),
+        "requirements": reqs,
+        "excluded": list(excluded),
+        "resolved": [f"{d['name']}=={d['version']}" for d in resolved],
+    }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     wheels = sorted(dest.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import write_corpus
 
+
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")

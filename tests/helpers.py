@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lm.config import compose
-from lm.config import TrainConfig, validate
+from lm.config import TrainConfig, compose, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,9 +19,7 @@ def write_corpus(folder: Path, lines: dict[str, int] | None = None, seed: int = 
     objects = ["the fish", "shares", "a house", "N dollars", "the <unk>", "stocks", "a plan"]
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in lines.items():
-        text = "\n".join(
-            f" {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} " for _ in range(n)
-        )
+        text = "\n".join(f" {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} " for _ in range(n))
         (folder / f"{split}.txt").write_text(text + "\n")
     return folder
 
@@ -33,8 +30,15 @@ def train_config(overrides: list[str]) -> TrainConfig:
 
 def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
     return [
-        "model=tiny", "data=custom", f"data.dir={corpus}", "data.batch_size=4", "data.bptt=5",
-        "trainer.progress=false", "trainer.threads=1", "trainer.device=cpu", *extra,
+        "model=tiny",
+        "data=custom",
+        f"data.dir={corpus}",
+        "data.batch_size=4",
+        "data.bptt=5",
+        "trainer.progress=false",
+        "trainer.threads=1",
+        "trainer.device=cpu",
+        *extra,
     ]
 
 
@@ -63,8 +67,9 @@ def reference_lstm(layer, x, state, h_masks):
     h, c = state[0][0], state[1][0]
     outputs = []
     for t in range(x.size(1)):
-        gates = nn.functional.linear(x[:, t], layer.weight_ih_l0, layer.bias_ih_l0) + \
-            nn.functional.linear(h * h_masks[t], layer.weight_hh_l0, layer.bias_hh_l0)
+        gates = nn.functional.linear(x[:, t], layer.weight_ih_l0, layer.bias_ih_l0) + nn.functional.linear(
+            h * h_masks[t], layer.weight_hh_l0, layer.bias_hh_l0
+        )
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm.reporting.ablation import ORDER, describe, write_ablation
 from lm.engine.training import train
+from lm.reporting.ablation import ORDER, describe, write_ablation
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -38,8 +38,16 @@ def test_table_plot_and_copies_from_one_run_per_placement(shared_tiny_corpus, tm
 
 
 def test_descriptions_name_every_mask():
-    base = dict(num_layers=2, dropout=0.25, dropout_embedding=0.1, dropout_input=0.2, dropout_recurrent=0.3,
-                dropout_output=0.4, weight_drop=0.0, tie_weights=False)
+    base = dict(
+        num_layers=2,
+        dropout=0.25,
+        dropout_embedding=0.1,
+        dropout_input=0.2,
+        dropout_recurrent=0.3,
+        dropout_output=0.4,
+        weight_drop=0.0,
+        tie_weights=False,
+    )
     assert describe({**base, "dropout_variant": "none"}) == "no dropout"
     assert "3 non-recurrent connections, p=0.25" in describe({**base, "dropout_variant": "zaremba"})
     assert "h_t-1, p=0.3" in describe({**base, "dropout_variant": "recurrent"})

@@ -20,10 +20,10 @@ from hydra.core.global_hydra import GlobalHydra
 from lm import ablation as ablation_module
 from lm import ensemble as ensemble_module
 from lm import evaluate as evaluate_module
-from lm.engine import evaluation as evaluation_module
 from lm import generate as generate_module
 from lm import report as report_module
 from lm import train as train_module
+from lm.engine import evaluation as evaluation_module
 from lm.infra.checkpoint import RunFolderLock, save_checkpoint, vocab_digest
 
 from helpers import tiny_overrides, write_corpus
@@ -66,6 +66,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
 def world(tmp_path_factory, ptb_dir_optional):
     """Corpora, a finished run and checkpoints that the bad commands point at."""
     from lm.engine.training import train
+
     from helpers import train_config
 
     root = tmp_path_factory.mktemp("world")
@@ -105,14 +106,24 @@ def world(tmp_path_factory, ptb_dir_optional):
             target.write_bytes(text[: len(text) // 2] if name == "truncated" else text.replace(b" the ", b" ehT ", 1))
             ptb[name] = folder
     extra = _more_world(root, good, run)
-    return {"root": root, "good": good, "other-vocab": other_vocab, "run": run, "other": other_model, "bad": bad, "corrupt": corrupt,
-            "ptb": ptb, **extra}
+    return {
+        "root": root,
+        "good": good,
+        "other-vocab": other_vocab,
+        "run": run,
+        "other": other_model,
+        "bad": bad,
+        "corrupt": corrupt,
+        "ptb": ptb,
+        **extra,
+    }
 
 
 def _more_world(root: Path, good: Path, run: Path) -> dict:
     """Folders and checkpoints of the reliability issue's examples."""
-    from lm.infra.faults import TrainingInterrupted
     from lm.engine.training import train
+    from lm.infra.faults import TrainingInterrupted
+
     from helpers import train_config
 
     unfinished = root / "unfinished"  # stopped by SIGTERM mid-epoch: checkpoint.pt, no metrics.json
@@ -178,9 +189,18 @@ def _more_world(root: Path, good: Path, run: Path) -> dict:
     broken_json.mkdir(parents=True)
     (broken_json / "metrics.json").write_text("{not json")
     (root / "empty-folder").mkdir()
-    return {"unfinished": unfinished, "metrics-only": metrics_only, "same-size": same_size, "short-test": short_test,
-            "sweep-job": sweep_job, "spaced": spaced, "damaged": checkpoints, "foreign": foreign.parent,
-            "broken-json": broken_json.parent, "empty": root / "empty-folder"}
+    return {
+        "unfinished": unfinished,
+        "metrics-only": metrics_only,
+        "same-size": same_size,
+        "short-test": short_test,
+        "sweep-job": sweep_job,
+        "spaced": spaced,
+        "damaged": checkpoints,
+        "foreign": foreign.parent,
+        "broken-json": broken_json.parent,
+        "empty": root / "empty-folder",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +245,10 @@ CONFIG_CASES = [
     (["optim.weight_decay=1.5"], "optim.weight_decay must be in [0, 1)"),
     (["trainer.log_every=0"], "trainer.log_every must be a positive integer"),
     (["trainer.eval_window=0"], "trainer.eval_window must be a positive integer"),
-    (["experiment=zaremba_medium", "model.dropout_variant=variational"], "model.dropout=0.5 has no effect with model.dropout_variant=variational"),
+    (
+        ["experiment=zaremba_medium", "model.dropout_variant=variational"],
+        "model.dropout=0.5 has no effect with model.dropout_variant=variational",
+    ),
 ]
 
 
@@ -252,17 +275,26 @@ RUN_CASES = [
     ("empty-file", lambda w: ["data=custom", f"data.dir={w['bad']['empty']}"], "valid.txt is empty"),
     ("non-utf8-file", lambda w: ["data=custom", f"data.dir={w['bad']['non-utf8']}"], "test.txt is not valid UTF-8"),
     ("no-words", lambda w: ["data=custom", f"data.dir={w['bad']['no-words']}"], "valid.txt holds no words"),
-    ("unknown-words-no-unk", lambda w: ["data=custom", f"data.dir={w['bad']['unknown-words']}"],
-     "test has 2 word types not in the training vocabulary"),
+    (
+        "unknown-words-no-unk",
+        lambda w: ["data=custom", f"data.dir={w['bad']['unknown-words']}"],
+        "test has 2 word types not in the training vocabulary",
+    ),
     ("batch-larger-than-data", lambda w: [*tiny_overrides(w["good"]), "data.batch_size=100000"], "lower data.batch_size"),
     ("bptt-larger-than-data", lambda w: [*tiny_overrides(w["good"]), "data.bptt=5000"], "data.bptt 5000 is not shorter"),
-    ("output-under-a-file", lambda w: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['root'] / 'a-file' / 'run'}"],
-     "is not a folder"),
+    (
+        "output-under-a-file",
+        lambda w: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['root'] / 'a-file' / 'run'}"],
+        "is not a folder",
+    ),
     ("finished-run", lambda w: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['run']}"], "already holds a finished run"),
     ("resume-missing", lambda w: [*tiny_overrides(w["good"]), f"trainer.resume={w['root'] / 'none.pt'}"], "does not exist"),
     ("resume-corrupt", lambda w: [*tiny_overrides(w["good"]), f"trainer.resume={w['corrupt']}"], "corrupt or not a checkpoint"),
-    ("resume-other-model", lambda w: [*tiny_overrides(w["good"]), f"trainer.resume={w['other'] / 'checkpoint.pt'}"],
-     "checkpoint is from another model (model.hidden_size 8, this run 16)"),
+    (
+        "resume-other-model",
+        lambda w: [*tiny_overrides(w["good"]), f"trainer.resume={w['other'] / 'checkpoint.pt'}"],
+        "checkpoint is from another model (model.hidden_size 8, this run 16)",
+    ),
 ]
 
 
@@ -292,8 +324,11 @@ EVAL_CASES = [
     ("missing", lambda w: [f"checkpoint={w['root'] / 'none.pt'}"], "does not exist"),
     ("corrupt", lambda w: [f"checkpoint={w['corrupt']}"], "corrupt or not a checkpoint"),
     ("not-a-checkpoint", lambda w: [f"checkpoint={w['good'] / 'train.txt'}"], "corrupt or not a checkpoint"),
-    ("other-vocabulary", lambda w: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['other-vocab']}"],
-     "checkpoint has a vocabulary of 25 words, the corpus 28"),
+    (
+        "other-vocabulary",
+        lambda w: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['other-vocab']}"],
+        "checkpoint has a vocabulary of 25 words, the corpus 28",
+    ),
     ("no-checkpoint", lambda w: [], "checkpoint"),
     ("bad-threads", lambda w: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "threads=-2"], "threads must be"),
 ]
@@ -307,6 +342,7 @@ def test_bad_evaluate_commands(case, build, message, world, monkeypatch, capsys)
 
 # ------------------------------------------------------------- lm.train: run folders, resume, paths
 
+
 def _ckpt(w, name: str) -> str:
     return str(w["damaged"][name])
 
@@ -314,42 +350,132 @@ def _ckpt(w, name: str) -> str:
 # (case id, argv builder, expected message, exit code); a builder gets the world and a fresh folder.
 TRAIN_CASES = [
     # cause 1: a folder that holds a run is never replaced by accident
-    ("unfinished-run-without-resume", lambda w, t: [*tiny_overrides(w["good"], "trainer.epochs=2"), f"hydra.run.dir={w['unfinished']}"],
-     "already holds an unfinished run (checkpoint.pt, no metrics.json): pass trainer.resume=auto", 2),
-    ("resume-auto-over-metrics-only", lambda w, t: [*tiny_overrides(w["good"]), "trainer.resume=auto", f"hydra.run.dir={w['metrics-only']}"],
-     "holds a finished run's metrics.json but no checkpoint.pt", 2),
-    ("resume-path-into-finished-run", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={w['other'] / 'checkpoint.pt'}",
-                                                    f"hydra.run.dir={w['run']}"], "would replace: resume into a new folder", 2),
-    ("resume-path-into-unfinished-run", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={w['run'] / 'checkpoint.pt'}",
-                                                      f"hydra.run.dir={w['unfinished']}"], "already holds an unfinished run", 2),
-    ("overwrite-and-resume", lambda w, t: [*tiny_overrides(w["good"]), "trainer.overwrite=true", "trainer.resume=auto",
-                                           f"hydra.run.dir={w['run']}"], "give one of them", 2),
-    ("overwrite-with-bad-data", lambda w, t: [*tiny_overrides(w["bad"]["empty"]), "trainer.overwrite=true", f"hydra.run.dir={w['run']}"],
-     "valid.txt is empty", 2),
-    ("overwrite-with-too-long-bptt", lambda w, t: [*tiny_overrides(w["good"]), "data.bptt=5000", "trainer.overwrite=true",
-                                                   f"hydra.run.dir={w['unfinished']}"], "data.bptt 5000 is not shorter", 2),
-    ("finished-sweep-job-rerun", lambda w, t: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['sweep-job']}"], "already holds a finished run", 2),
+    (
+        "unfinished-run-without-resume",
+        lambda w, t: [*tiny_overrides(w["good"], "trainer.epochs=2"), f"hydra.run.dir={w['unfinished']}"],
+        "already holds an unfinished run (checkpoint.pt, no metrics.json): pass trainer.resume=auto",
+        2,
+    ),
+    (
+        "resume-auto-over-metrics-only",
+        lambda w, t: [*tiny_overrides(w["good"]), "trainer.resume=auto", f"hydra.run.dir={w['metrics-only']}"],
+        "holds a finished run's metrics.json but no checkpoint.pt",
+        2,
+    ),
+    (
+        "resume-path-into-finished-run",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={w['other'] / 'checkpoint.pt'}", f"hydra.run.dir={w['run']}"],
+        "would replace: resume into a new folder",
+        2,
+    ),
+    (
+        "resume-path-into-unfinished-run",
+        lambda w, t: [
+            *tiny_overrides(w["good"]),
+            f"trainer.resume={w['run'] / 'checkpoint.pt'}",
+            f"hydra.run.dir={w['unfinished']}",
+        ],
+        "already holds an unfinished run",
+        2,
+    ),
+    (
+        "overwrite-and-resume",
+        lambda w, t: [*tiny_overrides(w["good"]), "trainer.overwrite=true", "trainer.resume=auto", f"hydra.run.dir={w['run']}"],
+        "give one of them",
+        2,
+    ),
+    (
+        "overwrite-with-bad-data",
+        lambda w, t: [*tiny_overrides(w["bad"]["empty"]), "trainer.overwrite=true", f"hydra.run.dir={w['run']}"],
+        "valid.txt is empty",
+        2,
+    ),
+    (
+        "overwrite-with-too-long-bptt",
+        lambda w, t: [*tiny_overrides(w["good"]), "data.bptt=5000", "trainer.overwrite=true", f"hydra.run.dir={w['unfinished']}"],
+        "data.bptt 5000 is not shorter",
+        2,
+    ),
+    (
+        "finished-sweep-job-rerun",
+        lambda w, t: [*tiny_overrides(w["good"]), f"hydra.run.dir={w['sweep-job']}"],
+        "already holds a finished run",
+        2,
+    ),
     # cause 2: resume refuses a changed hyperparameter, naming the key and both values
-    *[(f"resume-changed-{key}", lambda w, t, key=key, value=value: [*tiny_overrides(w["good"], "trainer.epochs=2"), "trainer.resume=auto",
-                                                                   f"{key}={value}", f"hydra.run.dir={w['unfinished']}"],
-       f"{key} is {shown} here but", 2)
-      for key, value, shown in [("optim.lr", "2.0", "2.0"), ("model.dropout", "0.3", "0.3"), ("model.init_scale", "0.05", "0.05"),
-                                ("data.batch_size", "2", "2"), ("data.bptt", "7", "7"), ("trainer.seed", "5", "5"),
-                                ("optim.max_grad_norm", "1.0", "1.0"), ("optim.lr_decay", "0.9", "0.9"),
-                                ("trainer.precision", "bf16", "'bf16'")]],
-    ("resume-other-words-same-size", lambda w, t: [*tiny_overrides(w["same-size"]), f"trainer.resume={w['run'] / 'checkpoint.pt'}"],
-     "checkpoint's vocabulary differs from this run's corpus's (same", 2),
-    ("resume-bad-allow-changes", lambda w, t: [*tiny_overrides(w["good"]), "trainer.allow_changes=[model.foo]"],
-     "trainer.allow_changes must be a list of keys among", 2),
+    *[
+        (
+            f"resume-changed-{key}",
+            lambda w, t, key=key, value=value: [
+                *tiny_overrides(w["good"], "trainer.epochs=2"),
+                "trainer.resume=auto",
+                f"{key}={value}",
+                f"hydra.run.dir={w['unfinished']}",
+            ],
+            f"{key} is {shown} here but",
+            2,
+        )
+        for key, value, shown in [
+            ("optim.lr", "2.0", "2.0"),
+            ("model.dropout", "0.3", "0.3"),
+            ("model.init_scale", "0.05", "0.05"),
+            ("data.batch_size", "2", "2"),
+            ("data.bptt", "7", "7"),
+            ("trainer.seed", "5", "5"),
+            ("optim.max_grad_norm", "1.0", "1.0"),
+            ("optim.lr_decay", "0.9", "0.9"),
+            ("trainer.precision", "bf16", "'bf16'"),
+        ]
+    ],
+    (
+        "resume-other-words-same-size",
+        lambda w, t: [*tiny_overrides(w["same-size"]), f"trainer.resume={w['run'] / 'checkpoint.pt'}"],
+        "checkpoint's vocabulary differs from this run's corpus's (same",
+        2,
+    ),
+    (
+        "resume-bad-allow-changes",
+        lambda w, t: [*tiny_overrides(w["good"]), "trainer.allow_changes=[model.foo]"],
+        "trainer.allow_changes must be a list of keys among",
+        2,
+    ),
     # cause 3: a damaged checkpoint is one line
-    ("resume-no-optimizer", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'no-optimizer')}"],
-     "is damaged ('optimizer' is missing, expected a dict)", 2),
-    ("resume-no-config", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'no-config')}"], "'config' is missing", 2),
-    ("resume-epoch-text", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'epoch-text')}"], "'epoch' is a str", 2),
-    ("resume-wrong-shape", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'wrong-shape')}"], "cannot be resumed", 2),
-    ("resume-vocab-digest", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'vocab-digest')}"],
-     "does not match its digest", 2),
-    ("resume-folder-without-checkpoint", lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={w['empty']}"], "does not exist", 2),
+    (
+        "resume-no-optimizer",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'no-optimizer')}"],
+        "is damaged ('optimizer' is missing, expected a dict)",
+        2,
+    ),
+    (
+        "resume-no-config",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'no-config')}"],
+        "'config' is missing",
+        2,
+    ),
+    (
+        "resume-epoch-text",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'epoch-text')}"],
+        "'epoch' is a str",
+        2,
+    ),
+    (
+        "resume-wrong-shape",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'wrong-shape')}"],
+        "cannot be resumed",
+        2,
+    ),
+    (
+        "resume-vocab-digest",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={_ckpt(w, 'vocab-digest')}"],
+        "does not match its digest",
+        2,
+    ),
+    (
+        "resume-folder-without-checkpoint",
+        lambda w, t: [*tiny_overrides(w["good"]), f"trainer.resume={w['empty']}"],
+        "does not exist",
+        2,
+    ),
     # cause 4: checked before the work
     ("test-split-too-short", lambda w, t: [*tiny_overrides(w["short-test"])], "too short for batch size 4", 2),
     ("data-dir-is-a-file", lambda w, t: ["data=custom", f"data.dir={w['root'] / 'a-file'}"], "is a file, not a corpus folder", 2),
@@ -378,7 +504,9 @@ def test_a_locked_run_folder_is_refused(holds, world, tmp_path, monkeypatch, cap
     extra = ["trainer.resume=auto", "trainer.epochs=2"] if holds.endswith("auto") else []
     with RunFolderLock(folder):  # stands in for a training running there
         before = snapshot(folder)
-        code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"]), *extra, f"hydra.run.dir={folder}"], monkeypatch, capsys)
+        code, err = run_cli(
+            train_module._hydra_entry, [*tiny_overrides(world["good"]), *extra, f"hydra.run.dir={folder}"], monkeypatch, capsys
+        )
         _assert_one_line(code, err, f"{folder} is in use by another run (process {os.getpid()})")
         assert snapshot(folder) == before and (not (folder / "train.log").exists() or holds != "nothing")
 
@@ -386,19 +514,31 @@ def test_a_locked_run_folder_is_refused(holds, world, tmp_path, monkeypatch, cap
 def _fail_on(monkeypatch, target, attr: str, err: OSError) -> None:
     def fail(*args, **kwargs):
         raise err
+
     monkeypatch.setattr(target, attr, fail)
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ("disk-full", OSError(errno.ENOSPC, "No space left on device", "checkpoint.pt"), "checkpoint.pt: No space left on device"),
-    ("read-only", OSError(errno.EROFS, "Read-only file system", "checkpoint.pt"), "checkpoint.pt: Read-only file system"),
-])
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        (
+            "disk-full",
+            OSError(errno.ENOSPC, "No space left on device", "checkpoint.pt"),
+            "checkpoint.pt: No space left on device",
+        ),
+        ("read-only", OSError(errno.EROFS, "Read-only file system", "checkpoint.pt"), "checkpoint.pt: Read-only file system"),
+    ],
+)
 def test_os_errors_while_writing_are_one_line(case, error, message, world, tmp_path, monkeypatch, capsys):
     import lm.infra.checkpoint
 
     _fail_on(monkeypatch, lm.infra.checkpoint.tempfile, "mkstemp", error)
-    code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"], "trainer.max_steps=1"), f"hydra.run.dir={tmp_path / 'run'}"],
-                        monkeypatch, capsys)
+    code, err = run_cli(
+        train_module._hydra_entry,
+        [*tiny_overrides(world["good"], "trainer.max_steps=1"), f"hydra.run.dir={tmp_path / 'run'}"],
+        monkeypatch,
+        capsys,
+    )
     _assert_one_line(code, err, message)
 
 
@@ -411,37 +551,82 @@ def test_unreadable_data_file_is_one_line(world, tmp_path, monkeypatch, capsys):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    code, err = run_cli(train_module._hydra_entry, [*tiny_overrides(world["good"]), f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    code, err = run_cli(
+        train_module._hydra_entry, [*tiny_overrides(world["good"]), f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys
+    )
     _assert_one_line(code, err, "valid.txt cannot be read (Permission denied)")
 
 
 # ------------------------------------------------------------- lm.evaluate
 
 EVAL_MORE_CASES = [
-    ("output-is-a-folder", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['good']}", f"output={w['empty']}"],
-     "output: "),
-    ("output-under-a-file", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['good']}",
-                                          f"output={w['root'] / 'a-file' / 'e.json'}"], "is not a folder"),
-    ("same-size-other-words", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['same-size']}", f"output={t / 'e.json'}"],
-     "checkpoint's vocabulary differs from the corpus's (same 25 words in size, but id"),
-    ("custom-corpus-needs-data-dir", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"output={t / 'e.json'}"],
-     "trained on the 'custom' corpus: give its folder with data_dir=PATH"),
-    ("data-dir-missing", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['root'] / 'nowhere'}", f"output={t / 'e.json'}"],
-     "is missing"),
-    ("data-dir-is-a-file", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['root'] / 'a-file'}", f"output={t / 'e.json'}"],
-     "is a file"),
-    ("batch-too-large-for-test", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['short-test']}", f"output={t / 'e.json'}"],
-     "too short for batch size"),
+    (
+        "output-is-a-folder",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['good']}", f"output={w['empty']}"],
+        "output: ",
+    ),
+    (
+        "output-under-a-file",
+        lambda w, t: [
+            f"checkpoint={w['run'] / 'checkpoint.pt'}",
+            f"data_dir={w['good']}",
+            f"output={w['root'] / 'a-file' / 'e.json'}",
+        ],
+        "is not a folder",
+    ),
+    (
+        "same-size-other-words",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['same-size']}", f"output={t / 'e.json'}"],
+        "checkpoint's vocabulary differs from the corpus's (same 25 words in size, but id",
+    ),
+    (
+        "custom-corpus-needs-data-dir",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"output={t / 'e.json'}"],
+        "trained on the 'custom' corpus: give its folder with data_dir=PATH",
+    ),
+    (
+        "data-dir-missing",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['root'] / 'nowhere'}", f"output={t / 'e.json'}"],
+        "is missing",
+    ),
+    (
+        "data-dir-is-a-file",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['root'] / 'a-file'}", f"output={t / 'e.json'}"],
+        "is a file",
+    ),
+    (
+        "batch-too-large-for-test",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", f"data_dir={w['short-test']}", f"output={t / 'e.json'}"],
+        "too short for batch size",
+    ),
     ("no-config", lambda w, t: [f"checkpoint={_ckpt(w, 'no-config')}", f"output={t / 'e.json'}"], "'config' is missing"),
-    ("wrong-shape", lambda w, t: [f"checkpoint={_ckpt(w, 'wrong-shape')}", f"data_dir={w['good']}", f"output={t / 'e.json'}"],
-     "checkpoint's weights do not fit its model"),
-    ("missing-weight", lambda w, t: [f"checkpoint={_ckpt(w, 'missing-weight')}", f"data_dir={w['good']}", f"output={t / 'e.json'}"],
-     "checkpoint's weights do not fit its model"),
+    (
+        "wrong-shape",
+        lambda w, t: [f"checkpoint={_ckpt(w, 'wrong-shape')}", f"data_dir={w['good']}", f"output={t / 'e.json'}"],
+        "checkpoint's weights do not fit its model",
+    ),
+    (
+        "missing-weight",
+        lambda w, t: [f"checkpoint={_ckpt(w, 'missing-weight')}", f"data_dir={w['good']}", f"output={t / 'e.json'}"],
+        "checkpoint's weights do not fit its model",
+    ),
     ("folder-without-checkpoint", lambda w, t: [f"checkpoint={w['empty']}"], "does not exist"),
-    ("eval-window-zero", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "eval_window=0"], "eval_window must be null or a positive"),
-    ("batch-size-zero", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "batch_size=0"], "batch_size must be null or a positive"),
+    (
+        "eval-window-zero",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "eval_window=0"],
+        "eval_window must be null or a positive",
+    ),
+    (
+        "batch-size-zero",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "batch_size=0"],
+        "batch_size must be null or a positive",
+    ),
     ("bptt-text", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "bptt=abc"], "bptt"),
-    ("mc-samples-zero", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "eval.mc_samples=0"], "eval.mc_samples must be"),
+    (
+        "mc-samples-zero",
+        lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "eval.mc_samples=0"],
+        "eval.mc_samples must be",
+    ),
     ("device-tpu", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "device=tpu"], "device must be cpu, cuda or auto"),
     ("unknown-key", lambda w, t: [f"checkpoint={w['run'] / 'checkpoint.pt'}", "foo=1"], "foo"),
 ]
@@ -455,10 +640,13 @@ def test_evaluate_refuses_before_work_and_touches_nothing(case, build, message, 
     assert snapshot(world["root"]) == before and not (tmp_path / "e.json").exists()
 
 
-@pytest.mark.parametrize("entry, argv", [
-    ("evaluate", lambda w, t: [f"checkpoint={_ckpt(w, 'evil-data')}", f"output={t / 'e.json'}"]),
-    ("generate", lambda w, t: [f"checkpoint={_ckpt(w, 'evil-data')}"]),
-])
+@pytest.mark.parametrize(
+    "entry, argv",
+    [
+        ("evaluate", lambda w, t: [f"checkpoint={_ckpt(w, 'evil-data')}", f"output={t / 'e.json'}"]),
+        ("generate", lambda w, t: [f"checkpoint={_ckpt(w, 'evil-data')}"]),
+    ],
+)
 def test_a_checkpoint_never_chooses_where_data_comes_from(entry, argv, world, tmp_path, monkeypatch, capsys):
     """Its saved data.dir / data.url / data.download are ignored: no folder made, nothing downloaded."""
     monkeypatch.chdir(tmp_path)  # no data/ptb here
@@ -487,7 +675,9 @@ GENERATE_CASES = [
 
 @pytest.mark.parametrize("case, args, message", GENERATE_CASES, ids=[c[0] for c in GENERATE_CASES])
 def test_generate_refuses_bad_settings(case, args, message, world, monkeypatch, capsys):
-    code, err = run_cli(generate_module._hydra_entry, [f"checkpoint={world['run'] / 'checkpoint.pt'}", *args], monkeypatch, capsys)
+    code, err = run_cli(
+        generate_module._hydra_entry, [f"checkpoint={world['run'] / 'checkpoint.pt'}", *args], monkeypatch, capsys
+    )
     _assert_one_line(code, err, message)
 
 
@@ -517,25 +707,74 @@ def test_generate_with_no_checkpoint_is_one_line(monkeypatch, capsys):
 # ------------------------------------------------------------- lm.ensemble
 
 ENSEMBLE_CASES = [
-    ("eval-window-zero", lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--eval-window", "0"],
-     "--eval-window: must be a positive integer, got 0"),
-    ("eval-window-text", lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--eval-window", "x"], "is not an integer"),
+    (
+        "eval-window-zero",
+        lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--eval-window", "0"],
+        "--eval-window: must be a positive integer, got 0",
+    ),
+    (
+        "eval-window-text",
+        lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--eval-window", "x"],
+        "is not an integer",
+    ),
     ("threads-negative", lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--threads", "-1"], "--threads"),
     ("no-out", lambda w, t: [str(w["run"]), str(w["other"])], "the following arguments are required: --out"),
     ("unknown-option", lambda w, t: [str(w["run"]), "--out", str(t / "e"), "--bogus"], "unrecognized arguments: --bogus"),
     ("one-checkpoint", lambda w, t: [str(w["run"] / "checkpoint.pt"), "--out", str(t / "e")], "at least 2 checkpoints"),
-    ("missing-member", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["root"] / "none.pt"), "--out", str(t / "e")], "does not exist"),
-    ("out-under-a-file", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["sweep-job"] / "checkpoint.pt"), "--out",
-                                       str(w["root"] / "a-file" / "e")], "--out: cannot write"),
-    ("custom-needs-data-dir", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["sweep-job"] / "checkpoint.pt"), "--out", str(t / "e")],
-     "give its folder with --data-dir=PATH"),
-    ("other-words-same-size", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["sweep-job"] / "checkpoint.pt"), "--out", str(t / "e"),
-                                            "--data-dir", str(w["same-size"])], "vocabulary differs"),
-    ("members-of-other-vocabularies", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["damaged"]["duplicate-words"]), "--out",
-                                                    str(t / "e"), "--data-dir", str(w["good"])], "another corpus or vocabulary"),
-    ("damaged-member", lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["damaged"]["no-config"]), "--out", str(t / "e")],
-     "'config' is missing"),
-    ("device-tpu", lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--device", "tpu"], "--device: invalid choice"),
+    (
+        "missing-member",
+        lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["root"] / "none.pt"), "--out", str(t / "e")],
+        "does not exist",
+    ),
+    (
+        "out-under-a-file",
+        lambda w, t: [
+            str(w["run"] / "checkpoint.pt"),
+            str(w["sweep-job"] / "checkpoint.pt"),
+            "--out",
+            str(w["root"] / "a-file" / "e"),
+        ],
+        "--out: cannot write",
+    ),
+    (
+        "custom-needs-data-dir",
+        lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["sweep-job"] / "checkpoint.pt"), "--out", str(t / "e")],
+        "give its folder with --data-dir=PATH",
+    ),
+    (
+        "other-words-same-size",
+        lambda w, t: [
+            str(w["run"] / "checkpoint.pt"),
+            str(w["sweep-job"] / "checkpoint.pt"),
+            "--out",
+            str(t / "e"),
+            "--data-dir",
+            str(w["same-size"]),
+        ],
+        "vocabulary differs",
+    ),
+    (
+        "members-of-other-vocabularies",
+        lambda w, t: [
+            str(w["run"] / "checkpoint.pt"),
+            str(w["damaged"]["duplicate-words"]),
+            "--out",
+            str(t / "e"),
+            "--data-dir",
+            str(w["good"]),
+        ],
+        "another corpus or vocabulary",
+    ),
+    (
+        "damaged-member",
+        lambda w, t: [str(w["run"] / "checkpoint.pt"), str(w["damaged"]["no-config"]), "--out", str(t / "e")],
+        "'config' is missing",
+    ),
+    (
+        "device-tpu",
+        lambda w, t: [str(w["run"]), str(w["other"]), "--out", str(t / "e"), "--device", "tpu"],
+        "--device: invalid choice",
+    ),
 ]
 
 
@@ -550,10 +789,16 @@ def test_ensemble_refuses_before_work(case, build, message, world, tmp_path, cap
 # ------------------------------------------------------------- lm.report and lm.ablation
 
 REPORT_CASES = [
-    ("foreign-metrics-in-results", lambda w, t: ["--results", str(w["foreign"]), "--no-plots", "--readme", str(t / "none.md")],
-     "is not a metrics.json written by this project (no valid 'name')"),
-    ("broken-json-in-results", lambda w, t: ["--results", str(w["broken-json"]), "--no-plots", "--readme", str(t / "none.md")],
-     "cannot be read as JSON"),
+    (
+        "foreign-metrics-in-results",
+        lambda w, t: ["--results", str(w["foreign"]), "--no-plots", "--readme", str(t / "none.md")],
+        "is not a metrics.json written by this project (no valid 'name')",
+    ),
+    (
+        "broken-json-in-results",
+        lambda w, t: ["--results", str(w["broken-json"]), "--no-plots", "--readme", str(t / "none.md")],
+        "cannot be read as JSON",
+    ),
     ("results-is-a-file", lambda w, t: ["--results", str(w["root"] / "a-file"), "--no-plots"], "is a file, not a folder of runs"),
     ("unknown-option", lambda w, t: ["--bogus"], "unrecognized arguments: --bogus"),
 ]
@@ -571,16 +816,27 @@ def test_report_leaves_out_a_foreign_file_among_the_users_runs(world, tmp_path, 
     """make table: a stray metrics.json under runs/ is named in one warning line and left out."""
     results = tmp_path / "results"
     results.mkdir()
-    code, err = run_main(report_module.main, ["--results", str(results), "--no-plots", "--readme", str(tmp_path / "none.md"),
-                                              "--with-runs", str(world["foreign"])], capsys)
+    code, err = run_main(
+        report_module.main,
+        ["--results", str(results), "--no-plots", "--readme", str(tmp_path / "none.md"), "--with-runs", str(world["foreign"])],
+        capsys,
+    )
     _assert_one_line(code, err, "left out of the table", expected_code=0, prefix="warning: ")
 
 
 ABLATION_CASES = [
     ("runs-missing", lambda w, t: [str(w["root"] / "nowhere"), "--out", str(t / "out")], "is not a folder of ablation runs"),
     ("no-finished-runs", lambda w, t: [str(w["empty"]), "--out", str(t / "out")], "no finished ablation runs under"),
-    ("foreign-metrics", lambda w, t: [str(w["foreign"]), "--out", str(t / "out")], "is not a metrics.json written by this project"),
-    ("out-under-a-file", lambda w, t: [str(w["root"] / "sweep-1"), "--out", str(w["root"] / "a-file" / "x")], "--out: cannot write"),
+    (
+        "foreign-metrics",
+        lambda w, t: [str(w["foreign"]), "--out", str(t / "out")],
+        "is not a metrics.json written by this project",
+    ),
+    (
+        "out-under-a-file",
+        lambda w, t: [str(w["root"] / "sweep-1"), "--out", str(w["root"] / "a-file" / "x")],
+        "--out: cannot write",
+    ),
     ("no-runs-argument", lambda w, t: [], "the following arguments are required: runs"),
 ]
 
@@ -594,6 +850,7 @@ def test_ablation_refuses_before_work(case, build, message, world, tmp_path, cap
 
 
 # ------------------------------------------------------------- cause 6: paths the project makes are accepted back
+
 
 def run_ok(entry, argv: list[str], monkeypatch) -> None:
     GlobalHydra.instance().clear()
@@ -616,17 +873,24 @@ def test_paths_with_equals_commas_and_spaces_are_accepted(where, world, tmp_path
     run_ok(generate_module._hydra_entry, [f"checkpoint={checkpoint}", "words=3"], monkeypatch)
     assert len(capsys.readouterr().out.split()) >= 3
     run = tmp_path / "a=b,c d"
-    run_ok(train_module._hydra_entry, [*tiny_overrides(world["good"], "trainer.max_steps=3"), f"trainer.resume={checkpoint}",
-                                       f"hydra.run.dir={run}"], monkeypatch)
+    run_ok(
+        train_module._hydra_entry,
+        [*tiny_overrides(world["good"], "trainer.max_steps=3"), f"trainer.resume={checkpoint}", f"hydra.run.dir={run}"],
+        monkeypatch,
+    )
     assert json.loads((run / "metrics.json").read_text())["steps"] == 3
 
 
 # ------------------------------------------------------------- lm.data (make data)
 
-@pytest.mark.parametrize("case, damage, message", [
-    ("wrong-md5", lambda d: None, "has MD5"),
-    ("folder-is-a-file", lambda d: None, "ptb.train.txt"),
-])
+
+@pytest.mark.parametrize(
+    "case, damage, message",
+    [
+        ("wrong-md5", lambda d: None, "has MD5"),
+        ("folder-is-a-file", lambda d: None, "ptb.train.txt"),
+    ],
+)
 def test_data_command_is_one_line(case, damage, message, tmp_path, monkeypatch, capsys):
     """``python -m lm.data FOLDER`` with every file present (so nothing is downloaded) but wrong."""
     from lm.data import __main__ as data_module
@@ -646,6 +910,7 @@ def test_data_command_is_one_line(case, damage, message, tmp_path, monkeypatch, 
 
 # ------------------------------------------------------------- stop signals outside training
 
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkeypatch, capsys):
     import signal
@@ -664,8 +929,12 @@ def test_evaluation_stopped_by_a_signal_is_one_line(sig, world, tmp_path, monkey
     # inherits SIGINT ignored, which Python then keeps)
     signal.signal(signum, signal.default_int_handler if sig == "SIGINT" else signal.SIG_DFL)
     try:
-        code, err = run_cli(evaluate_module._hydra_entry, [f"checkpoint={world['run'] / 'checkpoint.pt'}", f"data_dir={world['good']}",
-                                                           f"output={tmp_path / 'e.json'}"], monkeypatch, capsys)
+        code, err = run_cli(
+            evaluate_module._hydra_entry,
+            [f"checkpoint={world['run'] / 'checkpoint.pt'}", f"data_dir={world['good']}", f"output={tmp_path / 'e.json'}"],
+            monkeypatch,
+            capsys,
+        )
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -692,8 +961,20 @@ def test_cuda_without_a_gpu_names_the_key(entry, world, tmp_path, monkeypatch, c
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_ensemble_on_cuda_without_a_gpu_names_the_option(world, tmp_path, capsys):
     before = snapshot(world["root"])
-    code, err = run_main(ensemble_module.main, [str(world["run"]), str(world["sweep-job"]), "--out", str(tmp_path / "e"), "--data-dir",
-                                                str(world["good"]), "--device", "cuda"], capsys)
+    code, err = run_main(
+        ensemble_module.main,
+        [
+            str(world["run"]),
+            str(world["sweep-job"]),
+            "--out",
+            str(tmp_path / "e"),
+            "--data-dir",
+            str(world["good"]),
+            "--device",
+            "cuda",
+        ],
+        capsys,
+    )
     _assert_one_line(code, err, "--device is cuda but no GPU is visible: use --device=cpu")
     assert snapshot(world["root"]) == before and not (tmp_path / "e").exists()
 
@@ -701,7 +982,10 @@ def test_ensemble_on_cuda_without_a_gpu_names_the_option(world, tmp_path, capsys
 def test_ensemble_takes_paths_with_glob_characters_literally(world, tmp_path, capsys):
     odd = tmp_path / "run[1]*"
     shutil.copytree(world["run"], odd)
-    code, err = run_main(ensemble_module.main, [str(odd), str(world["sweep-job"]), "--out", str(tmp_path / "e"), "--data-dir",
-                                                str(world["good"]), "--no-members"], capsys)
+    code, err = run_main(
+        ensemble_module.main,
+        [str(odd), str(world["sweep-job"]), "--out", str(tmp_path / "e"), "--data-dir", str(world["good"]), "--no-members"],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "e" / "ensemble.json").read_text())["checkpoints"][0] == str(odd / "checkpoint.pt")

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -13,14 +14,23 @@ import bench  # noqa: E402
 
 
 def _size(ours, bf16, ref, stream, ref_eval, flop, gemm_only=4000):
-    return {"train_ratio": ours / ref, "train_bf16_ratio": bf16 / ref, "reference_train_tokens_per_s": ref,
-            "bf16_gemm_only_tokens_per_s": gemm_only, "bf16_gemm_gflops_at_step_shapes": 120.0,
-            "train_flop_per_token": flop, "eval_stream_ratio": stream / ref_eval,
-            "reference_eval_fraction_of_fp32_ceiling": ref_eval * flop / 3 / 100e9}
+    return {
+        "train_ratio": ours / ref,
+        "train_bf16_ratio": bf16 / ref,
+        "reference_train_tokens_per_s": ref,
+        "bf16_gemm_only_tokens_per_s": gemm_only,
+        "bf16_gemm_gflops_at_step_shapes": 120.0,
+        "train_flop_per_token": flop,
+        "eval_stream_ratio": stream / ref_eval,
+        "reference_eval_fraction_of_fp32_ceiling": ref_eval * flop / 3 / 100e9,
+    }
 
 
 def test_targets_met_and_missed_with_the_ceiling_bounds():
-    results = {"small": _size(1100, 1700, 1000, 3100, 1000, 15e6), "medium": _size(900, 1900, 1000, 2000, 1000, 80e6, gemm_only=2500)}
+    results = {
+        "small": _size(1100, 1700, 1000, 3100, 1000, 15e6),
+        "medium": _size(900, 1900, 1000, 2000, 1000, 80e6, gemm_only=2500),
+    }
     targets = {t["target"]: t for t in bench.check_targets(results, fp32=100.0, bf16=200.0, bf16_isa="AVX512-BF16")}
     assert targets["small: ours fp32 >= 1.0x reference"]["met"]
     assert not targets["medium: ours fp32 >= 1.0x reference"]["met"]
@@ -80,6 +90,7 @@ def test_timers_take_turns_and_ratios_pair_them():
         def run():
             calls.append(name)
             return cost * next(clock)  # every call slower than the last
+
         return run
 
     rates = bench.interleaved_rates({"ours": timer("ours", 1.0), "ref": timer("ref", 1.0)}, tokens=100, reps=3)
@@ -131,7 +142,7 @@ def test_matmul_ceiling_stops_early_where_products_are_slow(monkeypatch):
     calls = []
     for took, expected_calls in ((1.0, 3), (0.001, 22)):
         calls.clear()
-        monkeypatch.setattr(bench, "_timed", lambda fn, device=bench.CPU: calls.append(took) or took)
+        monkeypatch.setattr(bench, "_timed", lambda fn, device=bench.CPU, took=took: calls.append(took) or took)
         rate = bench.matmul_gflops(bench.torch.float32, reps=10, seconds=2.0)
         assert len(calls) == expected_calls
         assert rate == pytest.approx(2 * (1024 if took == 1.0 else 2048) ** 3 / took / 1e9)

@@ -11,7 +11,14 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from lm.config import (
-    CONFIG_DIR, PRESET_GROUPS, ConfigError, check_group_choices, compose, ignored_overrides, recipe, validate,
+    CONFIG_DIR,
+    PRESET_GROUPS,
+    ConfigError,
+    check_group_choices,
+    compose,
+    ignored_overrides,
+    recipe,
+    validate,
 )
 from lm.engine.training import preflight, train
 
@@ -35,8 +42,9 @@ def test_no_experiment_sets_a_key_that_a_group_preset_sets(experiment):
             check_group_choices([f"{group}={preset}"], {"experiment": experiment, group: preset})
 
 
-@pytest.mark.parametrize("experiment, optim", [("zaremba_small", "zaremba_medium"), ("zaremba_medium", "sgd"),
-                                               ("gal_large", "ablation")])
+@pytest.mark.parametrize(
+    "experiment, optim", [("zaremba_small", "zaremba_medium"), ("zaremba_medium", "sgd"), ("gal_large", "ablation")]
+)
 def test_an_optim_preset_on_the_command_line_wins_over_the_experiment(experiment, optim):
     cfg = compose("train", [f"experiment={experiment}", f"optim={optim}"])
     assert cfg.optim == compose("train", [f"optim={optim}"]).optim
@@ -63,7 +71,8 @@ def config_copy(tmp_path: Path) -> Path:
 
 def test_a_preset_that_the_experiment_restates_is_refused_in_one_line(config_copy):
     (config_copy / "experiment" / "restating.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: small\noptim:\n  lr: 0.5\n")
+        "# @package _global_\ndefaults:\n  - override /model: small\noptim:\n  lr: 0.5\n"
+    )
     with pytest.raises(ConfigError, match=r"^optim=sgd: experiment=restating sets optim.lr too and would silently win"):
         check_group_choices(["experiment=restating", "optim=sgd"], {"experiment": "restating", "optim": "sgd"}, config_copy)
     with pytest.raises(ConfigError, match=r"^optim=gal_medium: experiment=restating sets optim.lr too"):  # inherited from sgd
@@ -80,15 +89,19 @@ def test_the_command_line_refusal_runs_before_anything_is_written(tmp_path, monk
 
     monkeypatch.setattr(lm.engine.training, "check_group_choices", refuse)
     with pytest.raises(ConfigError, match="refused"):
-        preflight(compose("train", ["experiment=zaremba_small", "optim=sgd", f"hydra.run.dir={tmp_path / 'run'}"],
-                          return_hydra_config=True))
+        preflight(
+            compose(
+                "train", ["experiment=zaremba_small", "optim=sgd", f"hydra.run.dir={tmp_path / 'run'}"], return_hydra_config=True
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_model_preset_may_set_the_dropout_keys(config_copy):
     """train.yaml's dropout defaults come first (_self_), so a model preset can change them."""
     (config_copy / "model" / "small_variational.yaml").write_text(
-        "defaults:\n  - small\n  - _self_\nname: small_variational\ndropout_variant: variational\ndropout_input: 0.3\n")
+        "defaults:\n  - small\n  - _self_\nname: small_variational\ndropout_variant: variational\ndropout_input: 0.3\n"
+    )
     with initialize_config_dir(config_dir=str(config_copy), version_base="1.3"):
         cfg = hydra_compose("train", overrides=["model=small_variational"])
     assert (cfg.model.dropout_variant, cfg.model.dropout_input, cfg.model.hidden_size) == ("variational", 0.3, 200)
@@ -97,30 +110,43 @@ def test_a_model_preset_may_set_the_dropout_keys(config_copy):
 # ------------------------------------------------------------- keys without effect
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment=zaremba_medium", "model.dropout_variant=variational"],
-     "model.dropout=0.5 has no effect with model.dropout_variant=variational, whose own rates"),
-    (["model.dropout_input=0.3"], "model.dropout_input=0.3 has no effect with model.dropout_variant=zaremba"),
-    (["model.dropout_variant=recurrent", "model.dropout_output=0.2"], "model.dropout_output=0.2 has no effect"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["experiment=zaremba_medium", "model.dropout_variant=variational"],
+            "model.dropout=0.5 has no effect with model.dropout_variant=variational, whose own rates",
+        ),
+        (["model.dropout_input=0.3"], "model.dropout_input=0.3 has no effect with model.dropout_variant=zaremba"),
+        (["model.dropout_variant=recurrent", "model.dropout_output=0.2"], "model.dropout_output=0.2 has no effect"),
+    ],
+)
 def test_dropout_that_would_land_nowhere_is_refused_in_one_line(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as info:
         preflight(compose("train", [*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True))
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["experiment=gal_medium"],  # model.dropout (0.5, the medium preset's) is ignored, the variational rates are set
-    ["experiment=zaremba_medium", "model.dropout_variant=none"],  # no dropout, asked for by name
-    ["experiment=zaremba_medium", "model.dropout_variant=variational", "model.dropout_input=0.35"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=gal_medium"],  # model.dropout (0.5, the medium preset's) is ignored, the variational rates are set
+        ["experiment=zaremba_medium", "model.dropout_variant=none"],  # no dropout, asked for by name
+        ["experiment=zaremba_medium", "model.dropout_variant=variational", "model.dropout_input=0.35"],
+    ],
+)
 def test_a_variant_with_its_own_rates_is_accepted(overrides):
     validate(compose("train", overrides))
 
 
 def test_a_rate_set_on_the_command_line_that_the_variant_ignores_is_warned_about(shared_tiny_corpus, tmp_path, caplog):
-    overrides = tiny_overrides(shared_tiny_corpus, "model.dropout_variant=variational", "model.dropout_input=0.2",
-                               "model.dropout=0.3", "trainer.max_steps=1")
+    overrides = tiny_overrides(
+        shared_tiny_corpus,
+        "model.dropout_variant=variational",
+        "model.dropout_input=0.2",
+        "model.dropout=0.3",
+        "trainer.max_steps=1",
+    )
     cfg = train_config(overrides)
     assert ignored_overrides(cfg, overrides) == ["model.dropout"]
     assert ignored_overrides(cfg, ["model.dropout_input=0.2"]) == []  # read by the variant

@@ -9,18 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_overrides, train_config
 from lm.data.batching import batchify
 from lm.engine.evaluation import evaluate
-from lm.model.language_model import LSTMLanguageModel
 from lm.engine.training import train
+from lm.model.language_model import LSTMLanguageModel
+
+from helpers import tiny_overrides, train_config
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")]
 
 
 def _two_steps(corpus: Path, out: Path, device: str, *extra: str) -> dict:
     """Metrics of 2 steps of the tiny model without dropout (CPU and GPU draw different masks)."""
-    overrides = [o for o in tiny_overrides(corpus, "trainer.max_steps=2", "model.dropout=0.0", *extra) if not o.startswith("trainer.device=")]
+    overrides = [
+        o
+        for o in tiny_overrides(corpus, "trainer.max_steps=2", "model.dropout=0.0", *extra)
+        if not o.startswith("trainer.device=")
+    ]
     return train(train_config([*overrides, f"trainer.device={device}"]), out / device)
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -40,14 +41,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lm.kernels
-from lm.infra.checkpoint import save_checkpoint
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpus import Corpus, Vocab, load_corpus
 from lm.engine.averaging import run_ensemble
 from lm.engine.evaluation import evaluate_all, evaluate_mixture
 from lm.engine.generation import sample
-from lm.model.language_model import LSTMLanguageModel
 from lm.engine.step import train_epoch
+from lm.infra.checkpoint import save_checkpoint
+from lm.model.language_model import LSTMLanguageModel
 
 from helpers import REPO, tiny_overrides, train_config, write_corpus
 
@@ -209,7 +210,9 @@ def _autocast_on_meta(monkeypatch) -> None:
         return real_autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     monkeypatch.setattr(torch, "autocast", autocast)
-    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: stack[-1][0] if device == ("meta",) else real_enabled(*device))
+    monkeypatch.setattr(
+        torch, "is_autocast_enabled", lambda *device: stack[-1][0] if device == ("meta",) else real_enabled(*device)
+    )
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: stack[-1][1] if device == "meta" else real_dtype(device))
 
 
@@ -218,8 +221,9 @@ def _autocast_on_meta(monkeypatch) -> None:
 
 OPTIONS = {
     "zaremba": dict(dropout=0.5, variant="zaremba"),
-    "variational": dict(dropout=0.0, variant="variational", dropout_embedding=0.1, dropout_input=0.2,
-                        dropout_recurrent=0.3, dropout_output=0.4),
+    "variational": dict(
+        dropout=0.0, variant="variational", dropout_embedding=0.1, dropout_input=0.2, dropout_recurrent=0.3, dropout_output=0.4
+    ),
     "recurrent": dict(dropout=0.5, variant="recurrent", dropout_recurrent=0.3),
     "none": dict(dropout=0.0, variant="none"),
     "weight_drop": dict(dropout=0.5, variant="zaremba", weight_drop=0.3),
@@ -295,8 +299,18 @@ def _stray_in_backward(x: torch.Tensor) -> torch.Tensor:
     return x.grad
 
 
-@pytest.mark.parametrize("stray", [_add_host_ones, _concatenate_host_zeros, _add_host_scalar_tensor, _multiply_by_host_matrix,
-                                   _accumulate_into_host_scalar, _copy_to_host, _stray_in_backward])
+@pytest.mark.parametrize(
+    "stray",
+    [
+        _add_host_ones,
+        _concatenate_host_zeros,
+        _add_host_scalar_tensor,
+        _multiply_by_host_matrix,
+        _accumulate_into_host_scalar,
+        _copy_to_host,
+        _stray_in_backward,
+    ],
+)
 def test_a_stray_tensor_fails_the_check(stray: Callable[[torch.Tensor], torch.Tensor]):
     with pytest.raises(StrayTensorError, match=r"test_device_discipline\.py:\d+"):
         with DeviceDiscipline():
@@ -333,8 +347,17 @@ def test_training(option: str, precision: str):
     windows = bptt_windows(batchify(meta_ids(20), 2), 3)  # 3 windows
     dtype = torch.bfloat16 if precision == "bf16" else None
     with disciplined():  # every per-step option: a non-finite check and a log line at every step, weight decay
-        train_epoch(model, windows, optimizer, 5.0, autocast_dtype=dtype, weight_decay=0.01, skip_nonfinite=True,
-                    log_every=1, on_log=lambda *_: None)
+        train_epoch(
+            model,
+            windows,
+            optimizer,
+            5.0,
+            autocast_dtype=dtype,
+            weight_decay=0.01,
+            skip_nonfinite=True,
+            log_every=1,
+            on_log=lambda *_: None,
+        )
     with disciplined() as one_step:
         progress = train_epoch(model, windows, optimizer, 5.0, autocast_dtype=dtype, max_steps=1)
     with disciplined() as two_steps:  # from the carried state
@@ -354,7 +377,11 @@ def test_evaluation_monte_carlo_dropout_and_averaging(option: str):
         averaged = evaluate_all([model, other], corpus, batch_size=2, bptt=3, eval_window=4)
     for results in (plain, monte_carlo, averaged):
         assert {(split, p) for split, by_p in results.items() for p in by_p} == {
-            ("valid", "batched"), ("valid", "stream"), ("test", "batched"), ("test", "stream")}
+            ("valid", "batched"),
+            ("valid", "stream"),
+            ("test", "batched"),
+            ("test", "stream"),
+        }
     assert len(mode.syncs) == 3 * 4  # one host read per split and protocol, none per window
 
 
@@ -370,15 +397,31 @@ def test_generation(option: str, top_k: int | None):
 def test_model_averaging_command_runs_on_the_device_it_is_given(tmp_path: Path):
     corpus = write_corpus(tmp_path / "corpus", {"train": 30, "valid": 8, "test": 8})
     vocab = load_corpus(corpus).vocab
-    cfg = train_config(tiny_overrides(corpus, "model.hidden_size=8", "model.dropout_variant=variational", "model.dropout=0",
-                                      "model.dropout_input=0.2", "model.dropout_recurrent=0.3", "trainer.eval_window=6"))
+    cfg = train_config(
+        tiny_overrides(
+            corpus,
+            "model.hidden_size=8",
+            "model.dropout_variant=variational",
+            "model.dropout=0",
+            "model.dropout_input=0.2",
+            "model.dropout_recurrent=0.3",
+            "trainer.eval_window=6",
+        )
+    )
     checkpoints = []
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = LSTMLanguageModel.from_config(cfg.model, len(vocab))
         checkpoints.append(tmp_path / f"seed-{seed}" / "checkpoint.pt")
-        save_checkpoint(checkpoints[-1], {"model": model.state_dict(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                          "vocab": vocab.itos, "epoch": 1})
+        save_checkpoint(
+            checkpoints[-1],
+            {
+                "model": model.state_dict(),
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "vocab": vocab.itos,
+                "epoch": 1,
+            },
+        )
     with disciplined():  # loads and builds on the host, then moves the models: from there on, all is on meta
         report = run_ensemble(checkpoints, tmp_path / "ensemble", data_dir=str(corpus), device="meta")
     assert report["device"] == "meta" and len(report["members"]) == 2

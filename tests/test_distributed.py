@@ -12,16 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.infra.checkpoint import load_checkpoint
-from lm.engine.distributed import Group, check_gpu_per_process
 from lm.config import ConfigError
+from lm.engine.distributed import Group, check_gpu_per_process
 from lm.engine.step import EpochLoop
 from lm.engine.training import train
+from lm.infra.checkpoint import load_checkpoint
 
 from helpers import REPO, tiny_overrides, train_config
 
-VARIATIONAL = ("model.dropout_variant=variational", "model.dropout_embedding=0.1", "model.dropout_input=0.2",
-               "model.dropout_recurrent=0.2", "model.dropout_output=0.2")
+VARIATIONAL = (
+    "model.dropout_variant=variational",
+    "model.dropout_embedding=0.1",
+    "model.dropout_input=0.2",
+    "model.dropout_recurrent=0.2",
+    "model.dropout_output=0.2",
+)
 
 
 def _torchrun(overrides: list[str], run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -29,9 +34,22 @@ def _torchrun(overrides: list[str], run_dir: Path, fault: str | None = None) -> 
     if fault:
         env["LM_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lm.train",
-         *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lm.train",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

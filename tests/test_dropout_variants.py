@@ -52,8 +52,9 @@ def test_eval_mode_is_deterministic_and_mask_free(name):
     b, _ = model(x, model.init_state(2))
     assert torch.equal(a, b)
     plain = LSTMLanguageModel(V, H, 2, 0.0, 0.3, tie_weights="tied" in name)
-    plain.load_state_dict({k.replace("parametrizations.weight_hh_l0.original", "weight_hh_l0"): v
-                           for k, v in model.state_dict().items()})
+    plain.load_state_dict(
+        {k.replace("parametrizations.weight_hh_l0.original", "weight_hh_l0"): v for k, v in model.state_dict().items()}
+    )
     assert torch.allclose(plain.eval()(x, plain.init_state(2))[0], a, atol=1e-6)
 
 
@@ -157,12 +158,22 @@ def test_tied_weights_share_one_tensor():
     assert model.decoder.weight is model.embedding.weight
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.dropout_variant=variational", "model.dropout_embedding=0.1", "model.dropout_input=0.3",
-     "model.dropout_recurrent=0.2", "model.dropout_output=0.3", "model.weight_drop=0.2"],
-    ["model.dropout_variant=recurrent", "model.dropout_recurrent=0.2"],
-    ["model.dropout_variant=none", "model.tie_weights=true"],
-], ids=["variational+weight_drop", "recurrent", "none+tied"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "model.dropout_variant=variational",
+            "model.dropout_embedding=0.1",
+            "model.dropout_input=0.3",
+            "model.dropout_recurrent=0.2",
+            "model.dropout_output=0.3",
+            "model.weight_drop=0.2",
+        ],
+        ["model.dropout_variant=recurrent", "model.dropout_recurrent=0.2"],
+        ["model.dropout_variant=none", "model.tie_weights=true"],
+    ],
+    ids=["variational+weight_drop", "recurrent", "none+tied"],
+)
 def test_variants_train_and_evaluate_from_the_config(overrides, shared_tiny_corpus, tmp_path):
     from lm.engine.training import train
 
@@ -248,8 +259,8 @@ def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_ma
     """K stochastic passes one after another and one pass over the streams repeated K times along
     the batch average the same probabilities when each sample row meets the masks its pass met."""
     import lm.model.language_model
-    from lm.model.dropout import FreshDropout
     from lm.engine.evaluation import evaluate_mc_batched, evaluate_mixture
+    from lm.model.dropout import FreshDropout
 
     torch.manual_seed(0)
     samples, streams, window, places = 3, 2, 4, 3

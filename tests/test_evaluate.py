@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.infra.checkpoint import CheckpointError
 from lm.config import compose
 from lm.data.batching import batchify
 from lm.engine.evaluation import evaluate, evaluate_mixture, perplexity, run_evaluation
-from lm.model.language_model import LSTMLanguageModel
 from lm.engine.training import train
+from lm.infra.checkpoint import CheckpointError
+from lm.model.language_model import LSTMLanguageModel
 
 from helpers import tiny_overrides, train_config, write_corpus
 
@@ -58,8 +58,17 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_evaluate_command_matches_training_numbers(tiny_run: Path):
     out = tiny_run / "eval.json"
-    report = run_evaluation(compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"data_dir={tiny_run / 'corpus'}",
-                                                 f"output={out}", "device=cpu"]))
+    report = run_evaluation(
+        compose(
+            "evaluate",
+            [
+                f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}",
+                f"data_dir={tiny_run / 'corpus'}",
+                f"output={out}",
+                "device=cpu",
+            ],
+        )
+    )
     metrics = json.loads((tiny_run / "out" / "metrics.json").read_text())
     assert report["results"]["test"]["stream"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-9)
     assert report["results"]["valid"]["batched"]["ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-9)
@@ -73,20 +82,27 @@ def test_mc_evaluation_records_its_time_and_hardware_and_the_report_shows_them(t
 
     run = tmp_path / "results" / "run"
     shutil.copytree(tiny_run / "out", run)
-    report = run_evaluation(compose("evaluate", [f"checkpoint={run}", f"data_dir={tiny_run / 'corpus'}", "device=cpu",
-                                                 "eval.mc_samples=3"]))
+    report = run_evaluation(
+        compose("evaluate", [f"checkpoint={run}", f"data_dir={tiny_run / 'corpus'}", "device=cpu", "eval.mc_samples=3"])
+    )
     mc = report["mc_dropout"]
     assert mc["samples"] == 3 and mc["seconds"] > 0 and report["seconds"] > 0
     assert report["threads"] == torch.get_num_threads() and "cpu" in report["hardware"] and report["device"] == "cpu"
     assert json.loads((run / "eval.json").read_text())["mc_dropout"]["seconds"] == mc["seconds"]
-    row = next(line for line in write_report(tmp_path / "results", plots=False).splitlines() if line.startswith("| `run` |  | 3 | "))  # the MC table: no paper experiment, 3 samples
-    assert row.endswith(f"| {mc['seconds'] / 60:.1f} | {report['hardware']['cpu']}, {report['hardware']['cpu_bf16']}, {report['threads']} thr |")
+    row = next(
+        line for line in write_report(tmp_path / "results", plots=False).splitlines() if line.startswith("| `run` |  | 3 | ")
+    )  # the MC table: no paper experiment, 3 samples
+    assert row.endswith(
+        f"| {mc['seconds'] / 60:.1f} | {report['hardware']['cpu']}, {report['hardware']['cpu_bf16']}, {report['threads']} thr |"
+    )
 
 
 def test_checkpoint_of_another_vocabulary_is_refused(tiny_run: Path, tmp_path: Path):
     other = write_corpus(tmp_path / "other", seed=1)
     (other / "train.txt").write_text((other / "train.txt").read_text() + " brand new words\n")
-    cfg = compose("evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"data_dir={other}", f"output={tmp_path / 'e.json'}"])
+    cfg = compose(
+        "evaluate", [f"checkpoint={tiny_run / 'out' / 'checkpoint.pt'}", f"data_dir={other}", f"output={tmp_path / 'e.json'}"]
+    )
     with pytest.raises(CheckpointError, match="vocabulary of .* words, the corpus"):
         run_evaluation(cfg)
 
@@ -117,14 +133,15 @@ def test_mixture_averages_probabilities_not_log_probabilities():
 
 def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
     from lm.engine.averaging import run_ensemble
-    from lm.reporting.publish import write_report
     from lm.engine.training import train
+    from lm.reporting.publish import write_report
 
     corpus = tiny_run / "corpus"
     second = tmp_path / "results" / "seed-2"
     train(train_config(tiny_overrides(corpus, "trainer.max_steps=30", "trainer.seed=2")), second)
-    report = run_ensemble([tiny_run / "out" / "checkpoint.pt", second / "checkpoint.pt"], tmp_path / "results" / "ensemble",
-                          data_dir=str(corpus))
+    report = run_ensemble(
+        [tiny_run / "out" / "checkpoint.pt", second / "checkpoint.pt"], tmp_path / "results" / "ensemble", data_dir=str(corpus)
+    )
     members = [m["results"]["test"]["stream"]["ppl"] for m in report["members"]]
     assert report["n_models"] == 2 and report["test_ppl"] < max(members)
     assert (tmp_path / "results" / "ensemble" / "ensemble.log").exists()
@@ -138,8 +155,8 @@ def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
 
 def test_checkpoint_configs_from_before_new_keys_still_load(tiny_run: Path):
     """A checkpoint written before a config key existed gets today's default for it."""
-    from lm.infra.checkpoint import load_checkpoint
     from lm.config import validate_saved
+    from lm.infra.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tiny_run / "out" / "checkpoint.pt")["config"]
     for key in ("dropout_variant", "dropout_embedding", "weight_drop", "tie_weights"):

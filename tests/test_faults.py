@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import lm.model.language_model
+from lm.engine.training import train
 from lm.infra.checkpoint import load_checkpoint
 from lm.infra.faults import NonFiniteError, TrainingInterrupted
-from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -38,8 +38,9 @@ def _launch(args: list[str], fault: str | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT")}
     if fault:
         env["LM_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "lm.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lm.train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.slow
@@ -51,12 +52,12 @@ def test_kills_and_signals_anywhere_then_resume_gives_the_uninterrupted_run(tiny
     run_dir = tmp_path / "faulty"
     resume = [*args, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
     faults = [  # (fault, expected exit code): in the order training reaches them
-        ("step:30:KILL", -signal.SIGKILL),       # inside epoch 1, before any checkpoint
+        ("step:30:KILL", -signal.SIGKILL),  # inside epoch 1, before any checkpoint
         ("step:50:TERM", 128 + signal.SIGTERM),  # graceful: mid-epoch checkpoint
-        ("step:70:INT", 128 + signal.SIGINT),    # Ctrl-C: resumes mid-epoch from step 50
-        ("eval:1:KILL", -signal.SIGKILL),        # during the epoch-end evaluation
+        ("step:70:INT", 128 + signal.SIGINT),  # Ctrl-C: resumes mid-epoch from step 50
+        ("eval:1:KILL", -signal.SIGKILL),  # during the epoch-end evaluation
         ("checkpoint:1:KILL", -signal.SIGKILL),  # checkpoint written but not yet renamed
-        ("step:150:KILL", -signal.SIGKILL),      # inside epoch 2
+        ("step:150:KILL", -signal.SIGKILL),  # inside epoch 2
         ("eval:3:KILL", -signal.SIGKILL),
         ("checkpoint:3:KILL", -signal.SIGKILL),
     ]
@@ -124,7 +125,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tm
     good = (tmp_path / "checkpoint.pt").read_bytes()
     bad_step = load_checkpoint(tmp_path / "checkpoint.pt")["step"] + 5
     _poison_forward(monkeypatch, at_call=5)
-    with pytest.raises(NonFiniteError, match=rf"non-finite loss or gradient norm at epoch 2, step {bad_step}; stopped, the last good checkpoint is"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"non-finite loss or gradient norm at epoch 2, step {bad_step}; stopped, the last good checkpoint is",
+    ):
         train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.resume=auto")), tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
@@ -142,10 +146,10 @@ import hashlib  # noqa: E402
 
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from lm.engine import step as step_module  # noqa: E402
 from lm import train as train_module  # noqa: E402
 from lm.engine import epochs as epochs_module  # noqa: E402
 from lm.engine import run as run_module  # noqa: E402
+from lm.engine import step as step_module  # noqa: E402
 
 
 def _entry(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -169,14 +173,17 @@ def _one_line(err: str, message: str) -> None:
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in (".lock", "train.log")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (".lock", "train.log")
+    }
 
 
 # (fault, exit code, message, checkpoint of every epoch): a stop anywhere after the epoch loop
 # ends the run with its line, and no metrics.json; trainer.resume=auto then finishes it.
 SIGNAL_CASES = [
-    ("eval:1:TERM", 143, "stopped by SIGTERM after epoch 1"),        # during the last validation
+    ("eval:1:TERM", 143, "stopped by SIGTERM after epoch 1"),  # during the last validation
     ("eval:1:USR1", 138, "stopped by SIGUSR1 after epoch 1"),
     ("eval:1:INT", 130, "stopped by SIGINT after epoch 1"),
     ("final:1:TERM", 143, "stopped by SIGTERM during the final evaluation"),
@@ -187,7 +194,9 @@ SIGNAL_CASES = [
 
 
 @pytest.mark.parametrize("fault, code, message", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
-def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(fault, code, message, tiny_corpus, tmp_path, monkeypatch, capsys):
+def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(
+    fault, code, message, tiny_corpus, tmp_path, monkeypatch, capsys
+):
     run = tmp_path / "run"
     args = [*tiny_overrides(tiny_corpus, "trainer.epochs=1"), f"hydra.run.dir={run}"]
     monkeypatch.setenv("LM_FAULT", fault)
@@ -285,8 +294,19 @@ def test_overwrite_replaces_the_whole_run(tiny_corpus, tmp_path):
 def test_allowed_changes_are_recorded(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=3")), run)
-    metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2", "trainer.max_steps=6", "trainer.resume=auto",
-                                                "optim.lr=0.5", "trainer.allow_changes=[optim.lr]")), run)
+    metrics = train(
+        train_config(
+            tiny_overrides(
+                tiny_corpus,
+                "trainer.epochs=2",
+                "trainer.max_steps=6",
+                "trainer.resume=auto",
+                "optim.lr=0.5",
+                "trainer.allow_changes=[optim.lr]",
+            )
+        ),
+        run,
+    )
     assert metrics["resume_changes"] == [{"key": "optim.lr", "from": 1.0, "to": 0.5, "step": 3}]
 
 
@@ -320,18 +340,29 @@ def test_a_sweep_names_its_jobs_without_equals_or_commas_and_a_rerun_replaces_no
 
 # ------------------------------------------------------------- make targets: exit codes passed through
 
+
 def _make(target: str, *variables: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     venv = Path(sys.executable).parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(env_extra or {})
     stamp = venv / ".installed"
-    return subprocess.run(["make", "--no-print-directory", "-o", str(stamp), "-o", "data", f"VENV={venv}", target, *variables],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-o", str(stamp), "-o", "data", f"VENV={venv}", target, *variables],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _own_lines(stderr: str) -> list[str]:
     """stderr without make's own lines (``make: *** [...] Error N``) and the shell's echo of a killed job."""
-    return [l for l in stderr.strip().splitlines() if not re.match(r"make(\[\d+\])?: ", l) and l.strip() not in ("Terminated", "Interrupt")]
+    return [
+        line
+        for line in stderr.strip().splitlines()
+        if not re.match(r"make(\[\d+\])?: ", line) and line.strip() not in ("Terminated", "Interrupt")
+    ]
 
 
 @pytest.mark.slow

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.infra.checkpoint import load_checkpoint
-from lm.config import compose
-from lm.config import ConfigError
+from lm.config import ConfigError, compose
 from lm.data.corpus import UNK, Vocab
 from lm.engine.generation import draw, encode_prompt, run_generation
 from lm.engine.training import train
+from lm.infra.checkpoint import load_checkpoint
 
 from helpers import tiny_overrides, train_config, write_corpus
 

@@ -19,7 +19,8 @@ def test_wheels_for_another_python_are_refused_in_one_line(tmp_path):
     (tmp_path / wheels.MANIFEST).write_text(json.dumps({"python_version": "2.7"}))
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert gpu_check.wheels_problem(tmp_path) == (
-        f"{tmp_path}/ holds wheels for CPython 2.7, this is {here}: run `make wheels ARGS='--python-version {here}'`")
+        f"{tmp_path}/ holds wheels for CPython 2.7, this is {here}: run `make wheels ARGS='--python-version {here}'`"
+    )
     (tmp_path / wheels.MANIFEST).write_text(json.dumps({"python_version": here}))
     assert gpu_check.wheels_problem(tmp_path) is None
 
@@ -33,12 +34,15 @@ def test_the_overlay_sees_the_running_pythons_packages(tmp_path):
 
 
 def test_epoch_lines_of_the_trainers_log_become_records():
-    log = ("12:00:01 zaremba_medium: 19,775,200 parameters, 1327 train windows of 20x35 per epoch, device cuda, 16 threads, fp32\n"
-           "12:00:20 epoch  1  lr 1  train ppl   612.29  valid ppl   281.02   52341 words/s     18s\n"
-           "12:00:39 epoch 12  lr 0.3349  train ppl    88.10  valid ppl   101.20  123456 words/s      7s\n")
+    log = (
+        "12:00:01 zaremba_medium: 19,775,200 parameters, 1327 train windows of 20x35 per epoch, device cuda, 16 threads, fp32\n"
+        "12:00:20 epoch  1  lr 1  train ppl   612.29  valid ppl   281.02   52341 words/s     18s\n"
+        "12:00:39 epoch 12  lr 0.3349  train ppl    88.10  valid ppl   101.20  123456 words/s      7s\n"
+    )
     assert gpu_check.epoch_records(log) == [
         {"epoch": 1, "lr": 1.0, "train_ppl": 612.29, "valid_ppl": 281.02, "words_per_s": 52341.0, "seconds": 18.0},
-        {"epoch": 12, "lr": 0.3349, "train_ppl": 88.1, "valid_ppl": 101.2, "words_per_s": 123456.0, "seconds": 7.0}]
+        {"epoch": 12, "lr": 0.3349, "train_ppl": 88.1, "valid_ppl": 101.2, "words_per_s": 123456.0, "seconds": 7.0},
+    ]
 
 
 def test_a_run_still_going_at_the_mark_gets_sigterm_and_counts_as_expected(tmp_path):
@@ -54,8 +58,13 @@ def test_a_run_still_going_at_the_mark_gets_sigterm_and_counts_as_expected(tmp_p
 def test_dry_run_writes_the_summary_and_small_files_only(tmp_path):
     """The whole check on CPU: every phase, both trainings to their end, nothing heavy in the output."""
     out, runs = tmp_path / "out", tmp_path / "runs"
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--runs-dir", str(runs)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--runs-dir", str(runs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] and summary["dry_run"]

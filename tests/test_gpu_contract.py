@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.infra.checkpoint import rng_digest, rng_state, set_rng_state
 from lm.config import ConfigError
-from lm.engine.runtime import fp32_products
 from lm.engine.run import _set_up_processes
+from lm.engine.runtime import fp32_products
 from lm.engine.training import train
+from lm.infra.checkpoint import rng_digest, rng_state, set_rng_state
 
 from helpers import tiny_overrides, train_config
 
@@ -25,10 +25,12 @@ def fake_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.zeros(8, dtype=torch.uint8))
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.zeros(8, dtype=torch.uint8)
+    )
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, int(state[0]))))
     for name in ("get_rng_state_all", "set_rng_state_all"):  # touching every GPU is what must not happen
-        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: pytest.fail(f"torch.cuda.{name} called"))
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: pytest.fail(f"torch.cuda.{name} called"))
     return calls
 
 
@@ -89,4 +91,3 @@ def test_metrics_record_the_precision_contract(tiny_corpus: Path, tmp_path: Path
 def test_tf32_is_a_config_value_checked_at_start():
     with pytest.raises(Exception, match="tf32"):
         train_config(["trainer.tf32=sometimes"])
-

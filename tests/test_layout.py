@@ -37,7 +37,7 @@ def test_no_import_cycle_in_lm():
     done: set[str] = set()
 
     def visit(module: str, path: list[str]) -> None:
-        assert module not in path, "import cycle: " + " -> ".join(path[path.index(module):] + [module])
+        assert module not in path, "import cycle: " + " -> ".join(path[path.index(module) :] + [module])
         if module in done:
             return
         for dep in graph.get(module, ()):

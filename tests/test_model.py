@@ -46,8 +46,10 @@ def test_dropout_never_touches_the_recurrent_path():
     give exactly its output: any mask on h_{t-1} -> h_t or on c would break this."""
     model = make(dropout=0.5).train()
     seen = []
-    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, args[0].detach(), args[1], out[0].detach())))
-             for i, layer in enumerate(model.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, args[0].detach(), args[1], out[0].detach())))
+        for i, layer in enumerate(model.layers)
+    ]
     model(torch.randint(0, 30, (4, 9)), model.init_state(4))
     for h in hooks:
         h.remove()
@@ -60,9 +62,9 @@ def test_dropout_never_touches_the_recurrent_path():
 def test_dropout_never_touches_the_recurrent_path_in_bf16_training(monkeypatch):
     """bf16 training on CPU runs the layers through lm.model.recurrence: it is handed no mask,
     and replaying it without dropout gives exactly the output it produced."""
-    from helpers import record_layer_calls
-
     from lm.model.recurrence import lstm_window
+
+    from helpers import record_layer_calls
 
     model = make(dropout=0.5).train()
     calls = record_layer_calls(monkeypatch)
@@ -95,7 +97,7 @@ def test_dropout_in_exactly_l_plus_one_places_with_fresh_masks():
         drop.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0], out)))
     model(torch.randint(0, 30, (2, 6)), model.init_state(2))
     assert [i for i, _, _ in calls] == [0, 1, 2, 3]  # embedding output, after each of the 3 layers
-    for i, inp, out in calls:
+    for _, inp, out in calls:
         kept = out != 0
         assert 0.2 < kept.float().mean() < 0.8  # about half dropped
         assert torch.allclose(out[kept], inp[kept] * 2.0)  # inverted dropout: scaled at training time
@@ -134,7 +136,9 @@ def test_detach_cuts_the_graph_between_windows():
 
 VARIANT_OPTIONS = {  # every dropout variant and option, with the masks that both backends draw alike
     "zaremba": dict(variant="zaremba"),
-    "variational": dict(variant="variational", dropout_embedding=0.2, dropout_input=0.3, dropout_recurrent=0.3, dropout_output=0.3),
+    "variational": dict(
+        variant="variational", dropout_embedding=0.2, dropout_input=0.3, dropout_recurrent=0.3, dropout_output=0.3
+    ),
     "recurrent": dict(variant="recurrent", dropout_recurrent=0.3),
     "weight drop": dict(variant="zaremba", weight_drop=0.3),
     "tied": dict(variant="zaremba", tie_weights=True),

@@ -217,10 +217,17 @@ def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
 
     layer, x, state = problem
     g = torch.Generator().manual_seed(1)
-    mask = {"none": None, "shared": (torch.rand(B, H, generator=g) > 0.3) / 0.7,
-            "per_step": (torch.rand(T, B, H, generator=g) > 0.3) / 0.7}[mask_kind]
-    run = lambda fn: _run(lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*fn(*_window_inputs(layer, x, state), mask, dtype)),  # noqa: E731
-                          layer, x, state)
+    mask = {
+        "none": None,
+        "shared": (torch.rand(B, H, generator=g) > 0.3) / 0.7,
+        "per_step": (torch.rand(T, B, H, generator=g) > 0.3) / 0.7,
+    }[mask_kind]
+    run = lambda fn: _run(
+        lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*fn(*_window_inputs(layer, x, state), mask, dtype)),  # noqa: E731
+        layer,
+        x,
+        state,
+    )
     for a, b in zip(run(LSTMWindow.apply), run(window_loop)):
         assert torch.allclose(a, b, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
@@ -236,8 +243,12 @@ def test_torch_compile_of_the_window_matches_nn_lstm(problem):
     masks = (torch.rand(T, B, H, generator=torch.Generator().manual_seed(2)) > 0.3) / 0.7
     compiled = CompiledWindow()
     expected = _run(lambda: reference_lstm(layer, x, state, masks), layer, x, state)
-    got = _run(lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*compiled(*_window_inputs(layer, x, state), masks, torch.float32)),
-               layer, x, state)
+    got = _run(
+        lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*compiled(*_window_inputs(layer, x, state), masks, torch.float32)),
+        layer,
+        x,
+        state,
+    )
     assert not compiled.failed
     for a, b in zip(expected, got):
         assert torch.allclose(a, b.reshape(a.shape), atol=1e-5)
@@ -249,6 +260,7 @@ def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem,
     def broken_compile(fn, **options):
         def run(*args):
             raise RuntimeError("Cannot find a working triton installation\nmore detail")
+
         return run
 
     layer, x, state = problem
@@ -257,7 +269,9 @@ def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem,
         assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
         assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == ["compiling the LSTM window failed (Cannot find a working triton installation); training runs the slower eager loop"]
+    assert warnings == [
+        "compiling the LSTM window failed (Cannot find a working triton installation); training runs the slower eager loop"
+    ]
 
 
 def test_lm_compile_0_turns_compiling_off(monkeypatch):

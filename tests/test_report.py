@@ -7,9 +7,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lm.config import compose
+from lm.engine.training import train
 from lm.reporting.publish import write_report
 from lm.reporting.tables import LAST_PROCESS_MARK, LAST_PROCESS_NOTE
-from lm.engine.training import train
 
 from helpers import tiny_overrides, train_config, write_corpus
 
@@ -38,7 +38,9 @@ def test_report_tables_runs_with_mean_std_and_paper(tmp_path: Path):
     assert "| `zaremba_small/seed-3` | 3 | partial (3 steps) |" in text
     assert "non-regularized LSTM (small) | 120.7 | 114.5" in text
     # every paper row, in the paper's order, the ones without a run saying so; the averages too
-    assert text.index("| zaremba_small | 2 |") < text.index("| zaremba_medium | 0 | not run yet | | medium regularized LSTM | 86.2 | 82.7 | |")
+    assert text.index("| zaremba_small | 2 |") < text.index(
+        "| zaremba_medium | 0 | not run yet | | medium regularized LSTM | 86.2 | 82.7 | |"
+    )
     assert text.index("| zaremba_large | 0 | not run yet |") < text.index("| gal_medium | 0 | not run yet |")
     assert "- zaremba_small: averages of 2, 5, 10 models (paper test 96.1 / 84.1 / 80.0)" in text
     assert "`zaremba_small/seed-1`" in text and "`zaremba_small/seed-2`" in text
@@ -75,7 +77,10 @@ def test_local_runs_are_shown_apart_from_committed_ones_without_touching_results
     as_trained_with(results / "zaremba_small" / "seed-1", "experiment=zaremba_small")
     write_report(results)
     committed = (results / "README.md").read_bytes()
-    train(train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small", "trainer.seed=7")), runs / "zaremba_small" / "seed-7")
+    train(
+        train_config(tiny_overrides(corpus, "trainer.epochs=1", "name=zaremba_small", "trainer.seed=7")),
+        runs / "zaremba_small" / "seed-7",
+    )
     as_trained_with(runs / "zaremba_small" / "seed-7", "experiment=zaremba_small", "trainer.seed=7")
     text = local_report(results, runs)
     committed_part, _, yours = text.partition("# Your runs")
@@ -106,9 +111,15 @@ def test_a_run_is_compared_by_its_recipe_not_its_name(tmp_path: Path):
     compared = write_report(results, plots=False).partition("## Runs")[0]
     assert "| zaremba_small | 2 |" in compared and "| gal_medium | 1 |" in compared
     apart = [line for line in compared.splitlines() if line.startswith("| `")]
-    for line, (folder, differs) in zip(apart, [("other-cell", "model.dropout_variant variational (recipe: zaremba)"),
-                                               ("other-corpus", "data.name custom (recipe: ptb)"),
-                                               ("other-schedule", "optim.decay_start_epoch 6 (recipe: 4)")], strict=True):
+    for line, (folder, differs) in zip(
+        apart,
+        [
+            ("other-cell", "model.dropout_variant variational (recipe: zaremba)"),
+            ("other-corpus", "data.name custom (recipe: ptb)"),
+            ("other-schedule", "optim.decay_start_epoch 6 (recipe: 4)"),
+        ],
+        strict=True,
+    ):
         assert line.startswith(f"| `{folder}` | zaremba_small |") and differs in line
 
 
@@ -123,9 +134,18 @@ def test_an_ensemble_is_compared_when_all_its_members_have_the_recipe(tmp_path: 
         numbers = {"test": {"batched": {"ppl": 90.0}}}
         checkpoints = [str(results / f"seed-{s}" / "checkpoint.pt") for s in seeds]
         (results / folder).mkdir()
-        (results / folder / "ensemble.json").write_text(json.dumps(
-            {"name": "zaremba_small", "n_models": len(seeds), "checkpoints": checkpoints, "valid_ppl": 93.0, "test_ppl": 89.0,
-             "results": numbers}))
+        (results / folder / "ensemble.json").write_text(
+            json.dumps(
+                {
+                    "name": "zaremba_small",
+                    "n_models": len(seeds),
+                    "checkpoints": checkpoints,
+                    "valid_ppl": 93.0,
+                    "test_ppl": 89.0,
+                    "results": numbers,
+                }
+            )
+        )
 
     ensemble("same", [1, 2])
     ensemble("mixed", [1, 3])
@@ -148,9 +168,15 @@ def test_runs_say_where_they_trained_and_mc_dropout_sits_beside_the_standard_num
     assert metrics["hardware"]["gpu"] is None
     as_trained_with(run_dir, "experiment=gal_medium")
     numbers = lambda valid, test: {"valid": {"batched": {"ppl": valid}}, "test": {"stream": {"ppl": test}}}  # noqa: E731
-    (run_dir / "eval.json").write_text(json.dumps({
-        "checkpoint": str(run_dir / "checkpoint.pt"), "results": numbers(82.0, 79.9),
-        "mc_dropout": {"samples": 100, "seed": 0, "results": numbers(81.0, 78.8)}}))
+    (run_dir / "eval.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(run_dir / "checkpoint.pt"),
+                "results": numbers(82.0, 79.9),
+                "mc_dropout": {"samples": 100, "seed": 0, "results": numbers(81.0, 78.8)},
+            }
+        )
+    )
     text = write_report(results, plots=False)
     row = next(line for line in text.splitlines() if line.startswith("| `gal_medium/seed-1` | 1 |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]

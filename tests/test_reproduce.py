@@ -25,8 +25,12 @@ def test_the_plan_holds_every_row_and_caps_the_averages_at_the_models_trained(tm
     names = [s.name for s in steps]
     assert sum(n.startswith("train zaremba_small") for n in names) == 10
     assert [n for n in names if n.startswith("average")] == [
-        "average 2 zaremba_small models", "average 5 zaremba_small models", "average 10 zaremba_small models",
-        "average 2 zaremba_medium models", "average 3 zaremba_medium models"]
+        "average 2 zaremba_small models",
+        "average 5 zaremba_small models",
+        "average 10 zaremba_small models",
+        "average 2 zaremba_medium models",
+        "average 3 zaremba_medium models",
+    ]
     assert "train zaremba_large seed 1" in names and "evaluate gal_medium seed 1 with Monte Carlo dropout" in names
     few = [s.name for s in plan(tmp_path, ["small"], 3, 3, 100, [])]
     assert [n for n in few if n.startswith("average")] == ["average 2 zaremba_small models"]  # 5 and 10 need more models
@@ -36,7 +40,11 @@ def test_the_plan_holds_every_row_and_caps_the_averages_at_the_models_trained(tm
 
 def test_a_step_is_done_by_its_result_and_a_training_continues_from_its_checkpoint(tmp_path: Path):
     steps = {s.name: s for s in plan(tmp_path, ["small"], 2, 3, 100, [])}
-    first, second, average = steps["train zaremba_small seed 1"], steps["train zaremba_small seed 2"], steps["average 2 zaremba_small models"]
+    first, second, average = (
+        steps["train zaremba_small seed 1"],
+        steps["train zaremba_small seed 2"],
+        steps["average 2 zaremba_small models"],
+    )
     assert status(first, steps) == "to run" and status(average, steps) == "waits for 2 of the 2 run(s) it needs"
     first.result.parent.mkdir(parents=True)
     first.result.write_text("{}")
@@ -85,9 +93,13 @@ def test_each_running_step_is_pinned_to_its_own_core(tmp_path: Path, capsys):
     """Three steps, two at a time, one thread each: the two that run together never share a core,
     and the third takes the core its predecessor freed."""
     cores = sorted(os.sched_getaffinity(0))[:2]
-    report = "import json, os, sys, time; time.sleep(0.5); open(sys.argv[1], 'w').write(json.dumps(sorted(os.sched_getaffinity(0))))"
-    steps = [Step(f"step {k}", [sys.executable, "-c", report, str(tmp_path / f"{k}.json")], tmp_path / f"{k}.json", "threads={}")
-             for k in range(3)]
+    report = (
+        "import json, os, sys, time; time.sleep(0.5); open(sys.argv[1], 'w').write(json.dumps(sorted(os.sched_getaffinity(0))))"
+    )
+    steps = [
+        Step(f"step {k}", [sys.executable, "-c", report, str(tmp_path / f"{k}.json")], tmp_path / f"{k}.json", "threads={}")
+        for k in range(3)
+    ]
     assert execute(steps, 2, 1, tmp_path / "logs") == []
     seen = [json.loads((tmp_path / f"{k}.json").read_text()) for k in range(3)]
     assert sorted(seen[0] + seen[1]) == cores and seen[2] in ([cores[0]], [cores[1]])
@@ -95,16 +107,35 @@ def test_each_running_step_is_pinned_to_its_own_core(tmp_path: Path, capsys):
 
 
 def test_train_arg_may_not_set_what_each_step_sets():
-    result = subprocess.run([sys.executable, "-m", "lm.reproduce", "--dry-run", "--train-arg", "trainer.seed=3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.reproduce", "--dry-run", "--train-arg", "trainer.seed=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "trainer.seed" in result.stderr
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_running_steps_and_the_same_command_continues(tiny_corpus: Path, tmp_path: Path):
     root = tmp_path / "table1"
-    args = [sys.executable, "-m", "lm.reproduce", "--root", str(root), "--parts", "small", "--small-models", "2", "--jobs", "2",
-            "--data-dir", str(tiny_corpus), *(f"--train-arg={a}" for a in [*TINY, "trainer.epochs=200"])]
+    args = [
+        sys.executable,
+        "-m",
+        "lm.reproduce",
+        "--root",
+        str(root),
+        "--parts",
+        "small",
+        "--small-models",
+        "2",
+        "--jobs",
+        "2",
+        "--data-dir",
+        str(tiny_corpus),
+        *(f"--train-arg={a}" for a in [*TINY, "trainer.epochs=200"]),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT")}
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = [root / "zaremba_small" / f"seed-{s}" / "checkpoint.pt" for s in (1, 2)]
@@ -141,8 +172,20 @@ def test_bad_folders_and_a_second_command_on_the_same_root_are_refused_before_an
 def test_a_killed_command_takes_its_trainings_with_it_after_a_checkpoint(tiny_corpus: Path, tmp_path: Path):
     """SIGKILL leaves the command no time to pass a signal on: the kernel sends each training SIGTERM."""
     root = tmp_path / "table1"
-    args = [sys.executable, "-m", "lm.reproduce", "--root", str(root), "--parts", "small", "--small-models", "1",
-            "--data-dir", str(tiny_corpus), *(f"--train-arg={a}" for a in [*TINY, "trainer.epochs=200"])]
+    args = [
+        sys.executable,
+        "-m",
+        "lm.reproduce",
+        "--root",
+        str(root),
+        "--parts",
+        "small",
+        "--small-models",
+        "1",
+        "--data-dir",
+        str(tiny_corpus),
+        *(f"--train-arg={a}" for a in [*TINY, "trainer.epochs=200"]),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT")}
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = root / "zaremba_small" / "seed-1" / "checkpoint.pt"

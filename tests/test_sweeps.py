@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from lm.config import compose
+from lm.engine.training import train
 from lm.infra.faults import TrainingInterrupted
 from lm.reporting.results import find_runs
-from lm.engine.training import train
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -23,9 +23,22 @@ def test_joblib_sweep_writes_one_run_per_job(tiny_corpus: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "LM_FAULT")}
     result = subprocess.run(
-        [sys.executable, "-m", "lm.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-         *tiny_overrides(tiny_corpus, "trainer.max_steps=5"), "trainer.seed=1,2", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm.train",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *tiny_overrides(tiny_corpus, "trainer.max_steps=5"),
+            "trainer.seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = find_runs(sweep)
@@ -34,8 +47,16 @@ def test_joblib_sweep_writes_one_run_per_job(tiny_corpus: Path, tmp_path: Path):
 
 
 def test_slurm_launcher_config_composes_with_overrides():
-    cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
-                            "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+    cfg = compose(
+        "train",
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=30",
+            "hydra.launcher.gpus_per_node=4",
+        ],
+        return_hydra_config=True,
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 30, 4)

@@ -10,14 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import lm.engine.step as step_module
-from lm.infra.checkpoint import load_checkpoint
-from lm.config import compose
-from lm.config import ConfigError
+from lm.config import ConfigError, compose
 from lm.data.batching import bptt_windows
-from lm.model.language_model import LSTMLanguageModel
-from lm.infra.checkpoint import RunFolderError
 from lm.engine.step import learning_rate, train_epoch
 from lm.engine.training import preflight, train
+from lm.infra.checkpoint import RunFolderError, load_checkpoint
+from lm.model.language_model import LSTMLanguageModel
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -55,7 +53,7 @@ def test_loss_is_summed_over_time_and_averaged_over_batch():
     torch.manual_seed(0)
     model = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
     data = torch.randint(0, 20, (3, 6))
-    (x, y), = bptt_windows(data, 5)
+    ((x, y),) = bptt_windows(data, 5)
     reference = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
     reference.load_state_dict(model.state_dict())
     logits, _ = reference(x, reference.init_state(3))
@@ -106,7 +104,6 @@ def test_bf16_training_tracks_fp32_and_keeps_fp32_weights(tiny_corpus, tmp_path)
     assert abs(bf16["valid_ppl"] / fp32["valid_ppl"] - 1) < 0.02
     weights = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["model"]
     assert all(w.dtype == torch.float32 for w in weights.values())
-
 
 
 @pytest.mark.parametrize("isa, warned", [("none", True), ("AVX512-BF16", False), ("AMX", False)])
@@ -256,7 +253,11 @@ def test_finished_run_is_not_overwritten(tiny_corpus, tmp_path):
     with pytest.raises(RunFolderError, match="already holds a finished run: pass trainer.resume=auto"):
         preflight(compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}"), return_hydra_config=True))
     assert (run_dir / "metrics.json").read_bytes() == before
-    preflight(compose("train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}", "trainer.overwrite=true"), return_hydra_config=True))
+    preflight(
+        compose(
+            "train", tiny_overrides(tiny_corpus, f"hydra.run.dir={run_dir}", "trainer.overwrite=true"), return_hydra_config=True
+        )
+    )
 
 
 def test_only_rank_0_refuses_a_locked_folder_before_training(tiny_corpus, tmp_path, monkeypatch):
@@ -287,7 +288,15 @@ def test_cli_trains_end_to_end(tiny_corpus, tmp_path):
 @pytest.mark.ptb
 @pytest.mark.slow
 def test_small_model_learns_ptb_in_200_steps(ptb_dir, tmp_path):
-    cfg = train_config(["experiment=zaremba_small", f"data.dir={ptb_dir}", "trainer.max_steps=200", "trainer.progress=false", "trainer.device=cpu"])
+    cfg = train_config(
+        [
+            "experiment=zaremba_small",
+            f"data.dir={ptb_dir}",
+            "trainer.max_steps=200",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+        ]
+    )
     metrics = train(cfg, tmp_path)
     assert metrics["parameters"] == 4_653_200
     assert metrics["test_predictions"] == 82_429

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lm import kernels
-from lm.model.language_model import LSTMLanguageModel
 from lm.engine.step import train_epoch
 from lm.kernels.weight_copies import COPY_ATTR, WeightCopies, applies, product_matrices, product_weight
+from lm.model.language_model import LSTMLanguageModel
 
 BF16 = torch.bfloat16
 
@@ -22,16 +22,24 @@ def _model(seed: int = 0, **options) -> LSTMLanguageModel:
 def _windows(n: int = 4, batch: int = 4, bptt: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, 50, (batch, n * bptt + 1), generator=g)
-    return [(data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1]) for i in range(n)]
+    return [(data[:, i * bptt : (i + 1) * bptt], data[:, i * bptt + 1 : (i + 1) * bptt + 1]) for i in range(n)]
 
 
 def _train(copies: bool, max_grad_norm: float, weight_decay: float = 0.0, **options) -> tuple[LSTMLanguageModel, list[float]]:
     model = _model(**options)
     norms = []
     torch.manual_seed(5)  # the dropout masks
-    train_epoch(model, _windows(), torch.optim.SGD(model.parameters(), lr=0.9), max_grad_norm, weight_copies=copies,
-                autocast_dtype=BF16, weight_decay=weight_decay, log_every=1,
-                on_log=lambda step, nll, norm: norms.append(norm))
+    train_epoch(
+        model,
+        _windows(),
+        torch.optim.SGD(model.parameters(), lr=0.9),
+        max_grad_norm,
+        weight_copies=copies,
+        autocast_dtype=BF16,
+        weight_decay=weight_decay,
+        log_every=1,
+        on_log=lambda step, nll, norm: norms.append(norm),
+    )
     return model, norms
 
 
@@ -122,9 +130,9 @@ def test_tied_and_weight_dropped_matrices_keep_their_fp32_gradients():
 def test_bf16_training_stopped_mid_epoch_and_resumed_is_bit_identical(tiny_corpus, tmp_path, monkeypatch):
     """The copies are not in the checkpoint: cast again from the loaded weights, they are what the
     uninterrupted run held, so a bf16 run stopped mid-epoch and resumed gives the same weights."""
+    from lm.engine.training import train
     from lm.infra.checkpoint import load_checkpoint
     from lm.infra.faults import TrainingInterrupted
-    from lm.engine.training import train
 
     from helpers import tiny_overrides, train_config
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -28,7 +29,11 @@ slurm = ["hydra-submitit-launcher==1.2.0"]
 def test_requirements_are_pyprojects_without_torch(tmp_path):
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     assert wheels.requirements(tmp_path / "pyproject.toml") == [
-        "hydra-core==1.3.8", "tqdm==4.70.1 ; python_version >= '3.8'", "pytest==9.2.0", "setuptools>=68"]
+        "hydra-core==1.3.8",
+        "tqdm==4.70.1 ; python_version >= '3.8'",
+        "pytest==9.2.0",
+        "setuptools>=68",
+    ]
 
 
 def test_the_projects_requirements_hold_every_dependency_but_torch():
@@ -41,15 +46,26 @@ def test_the_projects_requirements_hold_every_dependency_but_torch():
     assert set(expected) <= set(reqs) and any(r.startswith("pytest") for r in reqs)
 
 
-@pytest.mark.parametrize("text, name", [("Hydra_Core==1.3", "hydra-core"), ("zope.interface>=5", "zope-interface"),
-                                        ("torch", "torch"), (" tqdm ; python_version>'3'", "tqdm")])
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("Hydra_Core==1.3", "hydra-core"),
+        ("zope.interface>=5", "zope-interface"),
+        ("torch", "torch"),
+        (" tqdm ; python_version>'3'", "tqdm"),
+    ],
+)
 def test_project_name_is_normalized(text, name):
     assert wheels.project_name(text) == name
 
 
 def test_binary_pins_are_fetched_for_the_target_and_source_only_ones_built():
-    resolved = [{"name": "numpy", "version": "2.4.6", "wheel": True}, {"name": "antlr4-python3-runtime", "version": "4.9.3", "wheel": False},
-                {"name": "torch", "version": "2.13.0", "wheel": True}, {"name": "pyarrow", "version": "26.0.1", "wheel": True}]
+    resolved = [
+        {"name": "numpy", "version": "2.4.6", "wheel": True},
+        {"name": "antlr4-python3-runtime", "version": "4.9.3", "wheel": False},
+        {"name": "torch", "version": "2.13.0", "wheel": True},
+        {"name": "pyarrow", "version": "26.0.1", "wheel": True},
+    ]
     fetch, build = wheels.download_commands(resolved, Path("w"), ["pip"], "3.12", excluded=("torch", "pyarrow"))
     assert fetch[:2] == ["pip", "download"] and fetch[-1:] == ["numpy==2.4.6"]
     for flag in ("--no-deps", "--only-binary=:all:", "manylinux2014_x86_64", "3.12", "cp312"):

@@ -7,6 +7,7 @@ import torch
 
 from lm.infra.errors import DataError
 
+
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Cut a 1-D stream into ``batch_size`` contiguous rows, dropping the tail.
 
@@ -21,7 +22,8 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     n = ids.numel() // batch_size
     if n < 2:
         raise DataError(
-            f"a split of {ids.numel()} tokens is too short for batch size {batch_size}: each row needs at least 2 tokens: lower data.batch_size"
+            f"a split of {ids.numel()} tokens is too short for batch size {batch_size}: each row needs at least 2 tokens: "
+            "lower data.batch_size"
         )
     return ids[: n * batch_size].view(batch_size, n)
 

@@ -14,9 +14,9 @@ import os
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -80,7 +80,9 @@ def verify_ptb(folder: Path) -> None:
     for name, expected in PTB_MD5.items():
         path = folder / name
         if not path.exists():
-            raise DataError(f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at a folder with the PTB files")
+            raise DataError(
+                f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at a folder with the PTB files"
+            )
         actual = md5sum(path)
         if actual != expected:
             raise DataError(
@@ -129,7 +131,7 @@ class Vocab:
             raise ValueError("vocabulary words must be unique")
 
     @classmethod
-    def from_counts(cls, counts: Counter) -> "Vocab":
+    def from_counts(cls, counts: Counter) -> Vocab:
         return cls([w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
 
     def __len__(self) -> int:

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from lm.infra.cli import check_output_folder
 from lm.config import TrainConfig, validate_saved
 from lm.data.batching import batchify
 from lm.engine.evaluation import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
 from lm.engine.runtime import build_model_from_checkpoint, check_vocab, load_user_data, provenance, select_device
+from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from lm.infra.cli import check_output_folder
 
 ENSEMBLE_NAME = "ensemble.json"
 
@@ -47,13 +47,23 @@ def load_members(checkpoints: list[Path]) -> tuple[list[dict[str, Any]], list[Tr
     cfgs = [validate_saved(c["config"]) for c in ckpts]
     first = cfgs[0]
     for path, ckpt, cfg in zip(checkpoints[1:], ckpts[1:], cfgs[1:]):
-        if cfg.data.name != first.data.name or (ckpt.get("vocab") and ckpts[0].get("vocab") and ckpt["vocab"] != ckpts[0]["vocab"]):
-            raise CheckpointError(f"{path} was trained on another corpus or vocabulary than {checkpoints[0]}: average models of one corpus")
+        if cfg.data.name != first.data.name or (
+            ckpt.get("vocab") and ckpts[0].get("vocab") and ckpt["vocab"] != ckpts[0]["vocab"]
+        ):
+            raise CheckpointError(
+                f"{path} was trained on another corpus or vocabulary than {checkpoints[0]}: average models of one corpus"
+            )
     return ckpts, cfgs
 
 
-def run_ensemble(checkpoints: list[Path], out_dir: Path, eval_window: int | None = None, with_members: bool = True,
-                 data_dir: str | None = None, device: str | torch.device = "auto") -> dict[str, Any]:
+def run_ensemble(
+    checkpoints: list[Path],
+    out_dir: Path,
+    eval_window: int | None = None,
+    with_members: bool = True,
+    data_dir: str | None = None,
+    device: str | torch.device = "auto",
+) -> dict[str, Any]:
     """Evaluate the average of ``checkpoints`` (and each alone) on ``device`` (auto: a GPU if one is
     visible); ``eval_window`` defaults to the first checkpoint's ``trainer.eval_window``. The corpus
     comes from ``data_dir`` (for PTB by default ``$LM_DATA_DIR`` or data/ptb), never from the

@@ -58,8 +58,10 @@ class Group:
         if not self.active:
             return module
         return DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True,
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
         )
 
     def any(self, flag: bool) -> bool:

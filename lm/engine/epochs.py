@@ -8,7 +8,8 @@ import logging
 import math
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,8 +35,14 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
     cfg = run.cfg
     log.info(
         "%s: %s parameters, %d train windows of %dx%d per epoch, device %s, %d threads, %s",
-        cfg.name, f"{count_parameters(run.model):,}", len(run.windows), cfg.data.batch_size, cfg.data.bptt, run.device,
-        torch.get_num_threads(), cfg.trainer.precision,
+        cfg.name,
+        f"{count_parameters(run.model):,}",
+        len(run.windows),
+        cfg.data.batch_size,
+        cfg.data.bptt,
+        run.device,
+        torch.get_num_threads(),
+        cfg.trainer.precision,
     )
     writer = _open_writer(run)
     try:
@@ -47,8 +54,11 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
             mid_epoch = progress.window < len(run.windows)
             if stopped and mid_epoch and run.step == 0:  # stopped while setting up: nothing to keep
                 stop.forward()
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, f"stopped by {stop.name or 'another rank'} before the "
-                                          f"first step; no checkpoint written, the same command starts the run again")
+                raise TrainingInterrupted(
+                    stop.signum or signal.SIGTERM,
+                    f"stopped by {stop.name or 'another rank'} before the "
+                    f"first step; no checkpoint written, the same command starts the run again",
+                )
             if stopped and mid_epoch:
                 run.save(progress)
                 interrupt(stop, f"in epoch {epoch + 1} at step {run.step}", run.checkpoint_path)
@@ -91,14 +101,32 @@ def _logged_epoch(run: Run, epoch: int, should_stop: Callable[[], bool], writer:
         writer.add_scalar("train/grad_norm", grad_norm, step)
 
     try:
-        with tqdm(total=min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt, unit="w", unit_scale=True,
-                  desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", disable=not (cfg.trainer.progress and run.group.is_main),
-                  leave=False, dynamic_ncols=True) as bar:
-            loop = EpochLoop(max_steps=remaining, should_stop=should_stop, stop_every=STOP_CHECK_EVERY if run.group.active else 1,
-                             epoch=epoch + 1, step_offset=run.step, log_every=cfg.trainer.log_every, on_log=on_log, bar=bar)
+        with tqdm(
+            total=min(todo, remaining or todo) * cfg.data.batch_size * cfg.data.bptt,
+            unit="w",
+            unit_scale=True,
+            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
+            disable=not (cfg.trainer.progress and run.group.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
+            loop = EpochLoop(
+                max_steps=remaining,
+                should_stop=should_stop,
+                stop_every=STOP_CHECK_EVERY if run.group.active else 1,
+                epoch=epoch + 1,
+                step_offset=run.step,
+                log_every=cfg.trainer.log_every,
+                on_log=on_log,
+                bar=bar,
+            )
             progress = train_epoch(run.model, run.windows, run.optimizer, run.recipe, progress, loop)
     except NonFiniteError as err:
-        kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is {run.checkpoint_path}"
+            if run.checkpoint_path.exists()
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteError(f"{err}; stopped, {kept} (try a lower optim.lr or optim.max_grad_norm)") from None
     run.step += progress.steps - steps_before
     return progress
@@ -112,9 +140,14 @@ def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) ->
     train_nll, train_tokens = run.group.sum([progress.nll, progress.tokens])
     train_ppl = perplexity(train_nll, int(train_tokens)) if train_tokens else math.nan
     if not (math.isfinite(valid_ppl) and (math.isfinite(train_ppl) or not train_tokens)):
-        kept = f"the last good checkpoint is {run.checkpoint_path}" if run.checkpoint_path.exists() else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is {run.checkpoint_path}"
+            if run.checkpoint_path.exists()
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteError(
-            f"non-finite perplexity at epoch {epoch + 1} (train {train_ppl:g}, valid {valid_ppl:g}: the loss overflowed); stopped, {kept} "
+            f"non-finite perplexity at epoch {epoch + 1} (train {train_ppl:g}, valid {valid_ppl:g}: the loss overflowed); "
+            f"stopped, {kept} "
             f"(try a lower optim.lr or optim.max_grad_norm)"
         )
     run.best_valid = min(run.best_valid, valid_ppl)
@@ -136,7 +169,12 @@ def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) ->
     writer.flush()
     log.info(
         "epoch %2d  lr %.4g  train ppl %8.2f  valid ppl %8.2f  %6.0f words/s  %5.0fs",
-        epoch + 1, record["lr"], record["train_ppl"], valid_ppl, record["words_per_s"], progress.seconds,
+        epoch + 1,
+        record["lr"],
+        record["train_ppl"],
+        valid_ppl,
+        record["words_per_s"],
+        progress.seconds,
     )
     run.epochs_done = epoch + 1
     run.save()

@@ -14,20 +14,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lm.infra.checkpoint import atomic_write_json, load_checkpoint
-from lm.infra.cli import check_output_file
 from lm.config import validate_eval, validate_saved
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpus import Corpus
-from lm.model.language_model import LSTMLanguageModel
 from lm.engine.runtime import build_model_from_checkpoint, fp32_products, load_user_data, provenance, select_device
+from lm.infra.checkpoint import atomic_write_json, load_checkpoint
+from lm.infra.cli import check_output_file
+from lm.model.language_model import LSTMLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,9 @@ def evaluate_mc_batched(model: LSTMLanguageModel, data: torch.Tensor, window: in
     return float(nll), count
 
 
-def evaluate_mc(model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int, stochastic: bool = True) -> tuple[float, int]:
+def evaluate_mc(
+    model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int, stochastic: bool = True
+) -> tuple[float, int]:
     """Monte Carlo dropout: probabilities averaged over ``samples`` passes with dropout on."""
     return evaluate_mixture([model] * samples, data, window, stochastic=stochastic)
 
@@ -122,7 +125,12 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple
 
 
 def evaluate_split(
-    models: Sequence[LSTMLanguageModel], ids: torch.Tensor, protocol: str, batch_size: int, bptt: int, eval_window: int,
+    models: Sequence[LSTMLanguageModel],
+    ids: torch.Tensor,
+    protocol: str,
+    batch_size: int,
+    bptt: int,
+    eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, float]:
     """Perplexity of one split under one protocol, with the counts behind it."""
@@ -136,7 +144,11 @@ def evaluate_split(
 
 
 def evaluate_all(
-    models: LSTMLanguageModel | Sequence[LSTMLanguageModel], corpus: Corpus, batch_size: int, bptt: int, eval_window: int,
+    models: LSTMLanguageModel | Sequence[LSTMLanguageModel],
+    corpus: Corpus,
+    batch_size: int,
+    bptt: int,
+    eval_window: int,
     stochastic: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
@@ -190,8 +202,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             torch.manual_seed(ecfg.eval.mc_seed)
             start = time.perf_counter()
             mc_results = evaluate_all([model] * ecfg.eval.mc_samples, corpus, batch_size, bptt, eval_window, stochastic=True)
-            mc = {"samples": ecfg.eval.mc_samples, "seed": ecfg.eval.mc_seed, "results": mc_results,
-                  "seconds": time.perf_counter() - start}
+            mc = {
+                "samples": ecfg.eval.mc_samples,
+                "seed": ecfg.eval.mc_seed,
+                "results": mc_results,
+                "seconds": time.perf_counter() - start,
+            }
             print(f"Monte Carlo dropout, {ecfg.eval.mc_samples} samples\n{format_results(mc_results)}")
     report = {
         "checkpoint": str(ckpt_path),

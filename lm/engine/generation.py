@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lm.infra.checkpoint import CheckpointError, load_checkpoint
 from lm.config import validate_generate, validate_saved
 from lm.data.corpus import EOS, UNK, Vocab
+from lm.engine.runtime import build_model_from_checkpoint, load_user_data, select_device
+from lm.infra.checkpoint import CheckpointError, load_checkpoint
 from lm.infra.errors import DataError
 from lm.model.language_model import LSTMLanguageModel
-from lm.engine.runtime import build_model_from_checkpoint, load_user_data, select_device
 
 
 def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[int]:
@@ -80,7 +80,9 @@ def checkpoint_vocab(ckpt: dict[str, Any], data_dir: str | None = None) -> Vocab
         try:
             return Vocab(ckpt["vocab"])
         except (ValueError, TypeError):
-            raise CheckpointError("checkpoint is damaged (its stored vocabulary has repeated or non-text words): use another one") from None
+            raise CheckpointError(
+                "checkpoint is damaged (its stored vocabulary has repeated or non-text words): use another one"
+            ) from None
     return load_user_data(data_dir, validate_saved(ckpt["config"])).vocab
 
 

@@ -37,7 +37,9 @@ def evaluate_final(run: Run, stop: StopRequest | None = None) -> dict[str, dict[
             stop.on_signal = None
     bad = [f"{s} {p} {r['ppl']:g}" for s, by_p in results.items() for p, r in by_p.items() if not math.isfinite(r["ppl"])]
     if bad:
-        raise NonFiniteError(f"final evaluation: non-finite perplexity ({', '.join(bad)}); metrics.json not written (try a lower optim.lr)")
+        raise NonFiniteError(
+            f"final evaluation: non-finite perplexity ({', '.join(bad)}); metrics.json not written (try a lower optim.lr)"
+        )
     return results
 
 

@@ -24,7 +24,9 @@ def resume(run: Run, path: Path) -> None:
     try:
         run.restore(ckpt)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} cannot be resumed ({str(err).splitlines()[0][:160]}): it is damaged, use another one") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be resumed ({str(err).splitlines()[0][:160]}): it is damaged, use another one"
+        ) from None
     run.changes += [{"key": k, "from": a, "to": b, "step": run.step} for k, a, b in changed]
     where = f"epoch {run.epochs_done + 1}, window {run.partial.window}" if run.partial else f"the end of epoch {run.epochs_done}"
     log.info("resumed from %s at %s (step %d)", path, where, run.step)
@@ -58,10 +60,17 @@ def _check_same_model(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
     for key in ("hidden_size", "num_layers"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
-            raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
+            raise CheckpointError(
+                f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config"
+            )
     for key in ("tie_weights", "dropout_variant"):
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if a != b:
-            raise CheckpointError(f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config")
+            raise CheckpointError(
+                f"checkpoint is from another model (model.{key} {a}, this run {b}): resume with the same model config"
+            )
     if (saved.model.weight_drop > 0) != (cfg.model.weight_drop > 0):
-        raise CheckpointError("checkpoint is from another model (weight dropping on in one, off in the other): resume with the same model.weight_drop")
+        raise CheckpointError(
+            "checkpoint is from another model (weight dropping on in one, off in the other): "
+            "resume with the same model.weight_drop"
+        )

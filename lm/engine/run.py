@@ -93,11 +93,16 @@ class Run:
         partial = _global_progress(partial, self.group) if partial else None
         rng = rng_state(self.device)
         if not self.group.agree(rng_digest(rng)):  # one state saved for all: they must be one (lm.model.dropout.BatchShare)
-            raise RuntimeError("the processes' random generators have drifted apart (a draw made by some ranks only): "
-                               "their dropout masks are no longer one global draw; this is a bug, please report it")
+            raise RuntimeError(
+                "the processes' random generators have drifted apart (a draw made by some ranks only): "
+                "their dropout masks are no longer one global draw; this is a bug, please report it"
+            )
         if self.group.is_main:
-            save_checkpoint(self.checkpoint_path, self.checkpoint_payload(partial, rng),
-                            before_commit=lambda: fault_point("checkpoint", self.epochs_done))
+            save_checkpoint(
+                self.checkpoint_path,
+                self.checkpoint_payload(partial, rng),
+                before_commit=lambda: fault_point("checkpoint", self.epochs_done),
+            )
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Take up the state a checkpoint saved (the inverse of ``checkpoint_payload``)."""
@@ -110,8 +115,11 @@ class Run:
             saved = EpochProgress.from_dict(ckpt["partial_epoch"])
             self.partial = _local_progress(saved, self.group, self.cfg.data.batch_size, self.device)
         # checkpoints from before this was recorded: the time their epochs and evaluations took
-        self.wall_before = ckpt.get("wall_seconds", sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in self.history)
-                                    + (self.partial.seconds if self.partial else 0.0))
+        self.wall_before = ckpt.get(
+            "wall_seconds",
+            sum(e["seconds"] + e.get("eval_seconds", 0.0) for e in self.history)
+            + (self.partial.seconds if self.partial else 0.0),
+        )
         self.sessions = ckpt.get("sessions", 1) + 1
         self.changes = list(ckpt.get("changes", []))
 
@@ -149,14 +157,17 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
     recipe = StepRecipe(
-        max_grad_norm=cfg.optim.max_grad_norm, weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        weight_decay=cfg.optim.weight_decay,
         autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
         skip_nonfinite=cfg.trainer.nonfinite == "skip",
         objective=group.wrap(WindowLoss(model), device),
     )
     if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
         clear_run_folder(out_dir)
-    return Run(cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict)
+    return Run(
+        cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict
+    )
 
 
 def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:
@@ -165,11 +176,16 @@ def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:
         torch.set_num_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
     if cfg.trainer.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ConfigError("trainer.precision=bf16: this GPU has no native bf16 (it would be emulated, slowly); use trainer.precision=fp32")
+        raise ConfigError(
+            "trainer.precision=bf16: this GPU has no native bf16 (it would be emulated, slowly); use trainer.precision=fp32"
+        )
     if cfg.trainer.precision == "bf16" and device.type == "cpu" and cpu_info()["bf16"] == "none":
         # a warning, not a refusal: tiny runs (tests) and a resume begun on another CPU still work
-        log.warning("trainer.precision=bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so bf16 "
-                    "products are emulated (the medium step measured 37x slower than fp32 on an AVX2-only EPYC): use trainer.precision=fp32")
+        log.warning(
+            "trainer.precision=bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so bf16 "
+            "products are emulated (the medium step measured 37x slower than fp32 on an AVX2-only EPYC): "
+            "use trainer.precision=fp32"
+        )
     group = init_group(device.type == "cuda")
     if group.active:
         if cfg.data.batch_size % group.world_size:

@@ -26,16 +26,25 @@ def claim_run_folder(out_dir: Path, trainer: TrainerConfig) -> Path | None:
     - ``trainer.resume=PATH``: the folder must hold no run, unless PATH is its own checkpoint.
     """
     checkpoint, metrics = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
-    holds = "a finished run" if metrics.exists() else "an unfinished run (checkpoint.pt, no metrics.json)" if checkpoint.exists() else None
+    holds = (
+        "a finished run"
+        if metrics.exists()
+        else "an unfinished run (checkpoint.pt, no metrics.json)"
+        if checkpoint.exists()
+        else None
+    )
     resume = trainer.resume or None
     if trainer.overwrite:
         if resume is not None:
-            raise ConfigError(f"trainer.overwrite=true replaces the run in {out_dir}, trainer.resume={resume} continues one: give one of them")
+            raise ConfigError(
+                f"trainer.overwrite=true replaces the run in {out_dir}, trainer.resume={resume} continues one: give one of them"
+            )
         return None
     if resume is None:
         if holds:
             raise RunFolderError(
-                f"{out_dir} already holds {holds}: pass trainer.resume=auto to continue it, trainer.overwrite=true to replace it, "
+                f"{out_dir} already holds {holds}: pass trainer.resume=auto to continue it, "
+                f"trainer.overwrite=true to replace it, "
                 f"or hydra.run.dir=... for a new folder"
             )
         return None
@@ -57,7 +66,9 @@ def claim_run_folder(out_dir: Path, trainer: TrainerConfig) -> Path | None:
             f"(hydra.run.dir=...), or pass trainer.overwrite=true"
         )
     if not path.is_file():
-        raise CheckpointError(f"trainer.resume: checkpoint {path} does not exist: give the path of a checkpoint.pt written by lm.train")
+        raise CheckpointError(
+            f"trainer.resume: checkpoint {path} does not exist: give the path of a checkpoint.pt written by lm.train"
+        )
     return path
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from lm.infra.checkpoint import CheckpointError, vocab_digest
 from lm.config import ConfigError, DataConfig, TrainConfig, validate_saved
 from lm.data.corpus import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
+from lm.infra.checkpoint import CheckpointError, vocab_digest
 from lm.kernels import cpu_info
 from lm.model.language_model import LSTMLanguageModel
 
@@ -62,14 +62,22 @@ def precision_record(device: torch.device, precision: str, tf32: bool) -> dict[s
 def hardware(device: torch.device) -> dict[str, str | None]:
     """What a run's timings must be read against: the CPU model and its bf16 instructions, and the GPU."""
     cpu = cpu_info()
-    return {"cpu": cpu["model"], "cpu_bf16": cpu["bf16"],
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return {
+        "cpu": cpu["model"],
+        "cpu_bf16": cpu["bf16"],
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
     """What every written result records about where it was made: code, library, device, hardware, threads."""
-    return {"torch_version": torch.__version__, "git_commit": git_commit(), "device": str(device),
-            "hardware": hardware(device), "threads": torch.get_num_threads()}
+    return {
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "device": str(device),
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def load_data(data: DataConfig) -> Corpus:
@@ -104,14 +112,18 @@ def check_vocab(ckpt: dict[str, Any], vocab: Vocab, what: str = "the corpus") ->
     if saved is None:  # checkpoints from before the vocabulary was stored: only the size can be compared
         size = ckpt["model"]["embedding.weight"].shape[0] if "embedding.weight" in ckpt["model"] else None
         if size is not None and size != len(vocab):
-            raise CheckpointError(f"checkpoint has a vocabulary of {size} words, {what} {len(vocab)}: use the corpus it was trained on")
+            raise CheckpointError(
+                f"checkpoint has a vocabulary of {size} words, {what} {len(vocab)}: use the corpus it was trained on"
+            )
         return
     if not isinstance(saved, list) or ckpt.get("vocab_sha256", vocab_digest(saved)) != vocab_digest(saved):
         raise CheckpointError("checkpoint is damaged (its stored vocabulary does not match its digest): use another one")
     if saved == vocab.itos:
         return
     if len(saved) != len(vocab):
-        raise CheckpointError(f"checkpoint has a vocabulary of {len(saved)} words, {what} {len(vocab)}: use the corpus it was trained on")
+        raise CheckpointError(
+            f"checkpoint has a vocabulary of {len(saved)} words, {what} {len(vocab)}: use the corpus it was trained on"
+        )
     i = next(i for i, (a, b) in enumerate(zip(saved, vocab.itos)) if a != b)
     raise CheckpointError(
         f"checkpoint's vocabulary differs from {what}'s (same {len(saved)} words in size, but id {i} is {saved[i]!r} there, "
@@ -130,13 +142,17 @@ def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LST
         vocab_size = vocab
         saved = len(ckpt["vocab"]) if ckpt.get("vocab") else ckpt["model"]["embedding.weight"].shape[0]
         if saved != vocab_size:
-            raise CheckpointError(f"checkpoint has a vocabulary of {saved} words, the corpus {vocab_size}: use the corpus it was trained on")
+            raise CheckpointError(
+                f"checkpoint has a vocabulary of {saved} words, the corpus {vocab_size}: use the corpus it was trained on"
+            )
     model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint's weights do not fit its model ({first[:160]}): the file is damaged, use another one") from None
+        raise CheckpointError(
+            f"checkpoint's weights do not fit its model ({first[:160]}): the file is damaged, use another one"
+        ) from None
     return model
 
 
@@ -145,7 +161,9 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")

@@ -12,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from lm.config import OptimConfig
 from lm.infra.faults import NonFiniteError, fault_point
-from lm.model.loss import WindowLoss
-from lm.model.language_model import LSTMLanguageModel, State, detach_state
 from lm.kernels.weight_copies import WeightCopies, applies, fp32_norm
+from lm.model.language_model import LSTMLanguageModel, State, detach_state
+from lm.model.loss import WindowLoss
 
 
 def learning_rate(epoch: int, optim: OptimConfig) -> float:
@@ -47,7 +48,9 @@ class StepRecipe:
     autocast_dtype: torch.dtype | None = None  # bf16: the forward under autocast; weights, loss and state stay fp32
     skip_nonfinite: bool = False  # skip a NaN/inf step (one host sync per step) instead of stopping at the next check
     objective: torch.nn.Module | None = None  # the model's WindowLoss, wrapped in DistributedDataParallel under torchrun
-    weight_copies: bool = True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.kernels.weight_copies)
+    weight_copies: bool = (
+        True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.kernels.weight_copies)
+    )
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class EpochProgress:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
+    def from_dict(cls, d: dict[str, Any]) -> EpochProgress:
         return cls(**d)
 
 
@@ -102,9 +105,16 @@ class StepResult(NamedTuple):
     applied: bool  # False for a skipped non-finite step
 
 
-def train_step(objective: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, state: State, recipe: StepRecipe,
-               copies: WeightCopies | None = None) -> StepResult:
+def train_step(
+    objective: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    recipe: StepRecipe,
+    copies: WeightCopies | None = None,
+) -> StepResult:
     """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update.
     ``objective`` is the model's ``WindowLoss`` (under torchrun wrapped in DistributedDataParallel,
     whose backward averages the gradients across processes); ``copies``, the bf16 weight copies
@@ -135,8 +145,13 @@ def total_grad_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([fp32_norm(g) for g in grads]))
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_norm: torch.Tensor,
-                 max_norm: float, copies: WeightCopies | None = None) -> None:
+def clipped_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    grad_norm: torch.Tensor,
+    max_norm: float,
+    copies: WeightCopies | None = None,
+) -> None:
     """The optimizer's step on gradients clipped to a global L2 norm of ``max_norm`` (torch's rule).
 
     On CPU the clip factor is folded into the step's learning rate (reading the norm there costs no
@@ -227,7 +242,9 @@ def train_epoch(
     return progress
 
 
-def _epoch_options(recipe: StepRecipe | float | None, loop: EpochLoop | None, fields: dict[str, Any]) -> tuple[StepRecipe, EpochLoop]:
+def _epoch_options(
+    recipe: StepRecipe | float | None, loop: EpochLoop | None, fields: dict[str, Any]
+) -> tuple[StepRecipe, EpochLoop]:
     """``train_epoch``'s arguments as the two objects (see its short form)."""
     own = {k: fields.pop(k) for k in list(fields) if k in StepRecipe.__dataclass_fields__}
     if isinstance(recipe, StepRecipe):

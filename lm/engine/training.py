@@ -71,7 +71,11 @@ def _already_finished(run: Run) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if metrics.get("steps") != run.step or not isinstance(metrics.get("epochs"), list) or len(metrics["epochs"]) != run.epochs_done:
+    if (
+        metrics.get("steps") != run.step
+        or not isinstance(metrics.get("epochs"), list)
+        or len(metrics["epochs"]) != run.epochs_done
+    ):
         return None
     log.info("%s already holds this run, finished (%d epochs, step %d): nothing to do", run.out_dir, run.epochs_done, run.step)
     return metrics

@@ -14,8 +14,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class RunFolderLock:
         self.folder = Path(folder)
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self) -> RunFolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -194,7 +195,9 @@ def load_checkpoint(path: str | os.PathLike, required: dict[str, type] | None = 
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({first[:120]}): use another one") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or "model" not in payload:
-        raise CheckpointError(f"{path} is not an lm checkpoint (format {FORMAT_VERSION}): use a checkpoint.pt written by lm.train")
+        raise CheckpointError(
+            f"{path} is not an lm checkpoint (format {FORMAT_VERSION}): use a checkpoint.pt written by lm.train"
+        )
     for key, kind in {**REQUIRED, **(required or {})}.items():
         value = payload.get(key)
         if kind is float and isinstance(value, int):

@@ -20,8 +20,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 import hydra
 from hydra.errors import HydraException
@@ -39,8 +40,19 @@ EXIT_NUMERICAL_FAULT = 3
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that end a command with one line (exit code 2, 3 or 128 + signal), no traceback."""
-    return (ConfigError, DataError, CheckpointError, RunFolderError, UsageError, HydraException, OmegaConfBaseException,
-            NonFiniteError, TrainingInterrupted, OSError, KeyboardInterrupt)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        RunFolderError,
+        UsageError,
+        HydraException,
+        OmegaConfBaseException,
+        NonFiniteError,
+        TrainingInterrupted,
+        OSError,
+        KeyboardInterrupt,
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -128,7 +140,9 @@ def quote_paths(args: Sequence[str], keys: Sequence[str] = PATH_KEYS) -> list[st
     return out
 
 
-def run_hydra(task: Callable[[DictConfig], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None) -> None:
+def run_hydra(
+    task: Callable[[DictConfig], None], config_name: str, preflight: Callable[[DictConfig], None] | None = None
+) -> None:
     """The whole entry point of a command: ``task(cfg)`` under ``@hydra.main`` with ``configs/<config_name>.yaml``."""
     main = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(exit_on_user_error(task))
     run_app(main, config_name, preflight)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from types import FrameType
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from types import FrameType
+from typing import NoReturn
 
 FAULT_ENV = "LM_FAULT"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -81,7 +82,7 @@ class StopRequest:
         if callable(previous) and previous not in (signal.default_int_handler, stop_now):
             previous(self.signum, None)
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -107,6 +108,10 @@ def fault_point(point: str, index: int) -> None:
 def interrupt(stop: StopRequest, where: str, checkpoint: Path) -> NoReturn:
     """The one way a stop signal ends training: after the checkpoint, pass the signal on and raise."""
     stop.forward()
-    raise TrainingInterrupted(stop.signum or signal.SIGTERM, (
-        f"stopped by {stop.name or 'another rank'} {where}; checkpoint {checkpoint}. "
-        f"Resume with the same command plus trainer.resume=auto"))
+    raise TrainingInterrupted(
+        stop.signum or signal.SIGTERM,
+        (
+            f"stopped by {stop.name or 'another rank'} {where}; checkpoint {checkpoint}. "
+            f"Resume with the same command plus trainer.resume=auto"
+        ),
+    )

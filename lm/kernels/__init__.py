@@ -51,8 +51,9 @@ def cpu_info() -> dict[str, str]:
     """The CPU model and its bf16 instructions: what every timing must be read against (AMX makes
     bf16 products about five times cheaper than AVX512-BF16 alone; without either, bf16 is emulated)."""
     flags = set(_cpu_flags().split())
-    bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
-            else "Arm BF16" if "bf16" in flags else "none")
+    bf16 = (
+        "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "Arm BF16" if "bf16" in flags else "none"
+    )
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     family, number = _cpuinfo_field("cpu family"), _cpuinfo_field("model\t")
     if family and number:  # a VM may name only the vendor line ("AMD EPYC"): family/model tell the generation
@@ -83,8 +84,14 @@ def fused() -> ModuleType | None:
             # would wait for it forever; while we hold ours, no live process of ours holds torch's.
             fcntl.flock(lock, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
-            return cpp_extension.load(name=name, sources=[str(source_copy(build_dir))], extra_cflags=CFLAGS,
-                                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+            return cpp_extension.load(
+                name=name,
+                sources=[str(source_copy(build_dir))],
+                extra_cflags=CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as err:  # no compiler, no headers, a failed build: all mean the same to the caller
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("fused CPU kernels unavailable (%s); training runs the slower pure-PyTorch path", reason[:200])

@@ -80,9 +80,14 @@ def applies(model: nn.Module, optimizer: torch.optim.Optimizer, objective: nn.Mo
     averages the parameters' own gradients), plain SGD (what the update computes)."""
     device = next(model.parameters()).device
     plain_sgd = type(optimizer) is torch.optim.SGD and all(
-        not g["momentum"] and not g["weight_decay"] and not g["maximize"] for g in optimizer.param_groups)
-    return (autocast_dtype == torch.bfloat16 and device.type == "cpu" and plain_sgd
-            and not isinstance(objective, nn.parallel.DistributedDataParallel))
+        not g["momentum"] and not g["weight_decay"] and not g["maximize"] for g in optimizer.param_groups
+    )
+    return (
+        autocast_dtype == torch.bfloat16
+        and device.type == "cpu"
+        and plain_sgd
+        and not isinstance(objective, nn.parallel.DistributedDataParallel)
+    )
 
 
 class WeightCopies:
@@ -94,7 +99,7 @@ class WeightCopies:
         self.weights = product_matrices(model)
         self.copies: dict[int, _Copy] = {}  # by id(weight)
 
-    def __enter__(self) -> "WeightCopies":
+    def __enter__(self) -> WeightCopies:
         for weight in self.weights:
             copy = _Copy(weight)
             setattr(weight, COPY_ATTR, copy)

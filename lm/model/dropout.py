@@ -32,7 +32,6 @@ from torch import nn
 from lm import kernels
 
 
-
 def keep_draws(like: torch.Tensor, keep: float) -> torch.Tensor:
     """1 with probability ``keep``, else 0, shaped and laid out like ``like``: the draws of
     ``torch.empty_like(like).bernoulli_(keep)``.
@@ -72,8 +71,14 @@ class BatchShare:
 WHOLE_BATCH = BatchShare()
 
 
-def inverted_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device,
-                  share: BatchShare = WHOLE_BATCH, batch_dim: int = 0) -> torch.Tensor:
+def inverted_mask(
+    shape: tuple[int, ...],
+    p: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    share: BatchShare = WHOLE_BATCH,
+    batch_dim: int = 0,
+) -> torch.Tensor:
     """Zeros with probability p, 1/(1-p) elsewhere: every mask of every strategy. Drawn for the
     global batch and cut to this process's rows along ``batch_dim`` (see ``BatchShare``)."""
     keep = 1.0 - p

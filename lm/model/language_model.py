@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lm.config import ModelConfig
 from lm.config import DROPOUT_VARIANTS as VARIANTS
+from lm.config import ModelConfig
 from lm.model.dropout import WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
 from lm.model.recurrence import lstm_window
 
@@ -76,12 +76,20 @@ class LSTMLanguageModel(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> "LSTMLanguageModel":
+    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> LSTMLanguageModel:
         return cls(
-            vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.init_scale,
-            variant=cfg.dropout_variant, dropout_embedding=cfg.dropout_embedding, dropout_input=cfg.dropout_input,
-            dropout_recurrent=cfg.dropout_recurrent, dropout_output=cfg.dropout_output,
-            weight_drop=cfg.weight_drop, tie_weights=cfg.tie_weights,
+            vocab_size,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.dropout,
+            cfg.init_scale,
+            variant=cfg.dropout_variant,
+            dropout_embedding=cfg.dropout_embedding,
+            dropout_input=cfg.dropout_input,
+            dropout_recurrent=cfg.dropout_recurrent,
+            dropout_output=cfg.dropout_output,
+            weight_drop=cfg.weight_drop,
+            tie_weights=cfg.tie_weights,
         )
 
     def reset_parameters(self) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -66,7 +66,7 @@ class LSTMWindow(torch.autograd.Function):
                     gates = x_proj[t] + torch.mm(h_in[t], w_t)
                 a = acts[t]
                 torch.sigmoid(gates, out=a)
-                torch.tanh(gates[:, 2 * hidden:3 * hidden], out=a[:, 2 * hidden:3 * hidden])
+                torch.tanh(gates[:, 2 * hidden : 3 * hidden], out=a[:, 2 * hidden : 3 * hidden])
                 i, f, g, o = a.chunk(4, 1)
                 c = torch.addcmul(f * c, i, g, out=cells[t + 1])
                 torch.tanh(c, out=tanh_c[t])
@@ -121,12 +121,19 @@ class FusedLSTMWindow(torch.autograd.Function):
         zeros = lambda: torch.zeros(batch, hidden)  # noqa: E731  (a final state the loss never saw)
         d_out = torch.zeros(batch, acts.size(0), hidden) if d_out is None else d_out
         d_x, d_h0, d_c0, d_w = kernels.fused().lstm_backward(
-            d_out, zeros() if d_h is None else d_h, zeros() if d_c is None else d_c, acts, cells, tanh_c, h_in, w_hh, h_mask)
+            d_out, zeros() if d_h is None else d_h, zeros() if d_c is None else d_c, acts, cells, tanh_c, h_in, w_hh, h_mask
+        )
         return d_x, d_h0, d_c0, d_w, None
 
 
-def window_loop(x_proj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
-                h_mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_loop(
+    x_proj: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    h_mask: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``LSTMWindow``'s forward as plain differentiable ops (autograd derives the backward), for
     ``torch.compile``: time-major x_proj [T, B, 4H] fp32, h0/c0 [B, H] fp32, products in
     ``compute_dtype``, everything else fp32. Returns outputs [T, B, H], h and c."""
@@ -152,7 +159,7 @@ class CompiledWindow:
         self.failed = os.environ.get(COMPILE_ENV, "1") == "0"
         self._fn = None if self.failed else compile_fn(window_loop, fullgraph=True, dynamic=False)
 
-    def __call__(self, *args) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __call__(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         if self.failed:
             return None
         try:
@@ -174,8 +181,8 @@ def lstm_window(
     layer: torch.nn.LSTM,
     x: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor],
-    h_mask: Optional[torch.Tensor] = None,
-    w_hh: Optional[torch.Tensor] = None,
+    h_mask: torch.Tensor | None = None,
+    w_hh: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Run a single-layer batch-first ``nn.LSTM``'s parameters over x [B, T, H_in].
 

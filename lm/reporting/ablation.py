@@ -1,4 +1,5 @@
-"""The dropout-placement report (``python -m lm.ablation``). Reads one finished run per placement (the folders ``make ablation`` writes), copies
+"""The dropout-placement report (``python -m lm.ablation``). Reads one finished run per placement
+(the folders ``make ablation`` writes), copies
 each run's ``metrics.json`` and ``train.log`` into ``--out/<placement>/``, and writes
 ``ablation.json``, ``README.md`` (the table, generated: never edit by hand) and
 ``valid_curves.png`` (validation perplexity per epoch, one line per placement).
@@ -30,8 +31,10 @@ def describe(model: dict[str, Any]) -> str:
         if variant == "recurrent":
             parts.append(f"fresh mask per step on h_t-1, p={model['dropout_recurrent']:g}")
     else:
-        parts = [f"one mask per sequence: words {model['dropout_embedding']:g}, layer inputs {model['dropout_input']:g}, "
-                 f"h_t-1 {model['dropout_recurrent']:g}, output {model['dropout_output']:g}"]
+        parts = [
+            f"one mask per sequence: words {model['dropout_embedding']:g}, layer inputs {model['dropout_input']:g}, "
+            f"h_t-1 {model['dropout_recurrent']:g}, output {model['dropout_output']:g}"
+        ]
     if model.get("weight_drop", 0) > 0:
         parts.append(f"DropConnect on W_hh, p={model['weight_drop']:g}")
     if model.get("tie_weights"):
@@ -92,8 +95,12 @@ def render(data: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
             f"| `{name}` | {r['masks']} | {r['train_ppl']:.2f} | {r['valid_ppl']:.2f} | {r['best_valid_ppl']:.2f} | "
             f"{r['test_ppl']:.2f} | {r['valid_ppl'] - r['train_ppl']:+.2f} | {r['words_per_s']:,.0f} | {r['train_minutes']:.1f} |"
         )
-    lines += ["", "Train perplexity is measured with dropout on (the training loss), so it is not a clean",
-              "measure of fit for the regularized placements. Validation curves: `valid_curves.png`.", ""]
+    lines += [
+        "",
+        "Train perplexity is measured with dropout on (the training loss), so it is not a clean",
+        "measure of fit for the regularized placements. Validation curves: `valid_curves.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

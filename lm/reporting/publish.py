@@ -10,7 +10,6 @@ from lm.reporting.plots import CURVE_NAME, plot_curve
 from lm.reporting.results import ResultFile, find_runs
 from lm.reporting.tables import averages_not_run, comparison_table, ensemble_table, other_recipes_table, render, runs_table
 
-
 START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"
 
 

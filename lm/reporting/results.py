@@ -58,8 +58,18 @@ def recipe_difference(run: ResultFile, experiment: str) -> str:
 
 # The fields the tables read, per file: a file without them was not written by lm.train / lm.ensemble.
 REQUIRED_FIELDS = {
-    "metrics.json": {"name": str, "seed": int, "config": dict, "epochs": list, "steps": int, "valid_ppl": float,
-                     "test_ppl": float, "eval": dict, "train_seconds": float, "device": str},
+    "metrics.json": {
+        "name": str,
+        "seed": int,
+        "config": dict,
+        "epochs": list,
+        "steps": int,
+        "valid_ppl": float,
+        "test_ppl": float,
+        "eval": dict,
+        "train_seconds": float,
+        "device": str,
+    },
     "ensemble.json": {"name": str, "n_models": int, "checkpoints": list, "valid_ppl": float, "test_ppl": float, "results": dict},
     "eval.json": {"checkpoint": str, "results": dict},
 }
@@ -70,11 +80,19 @@ def read_run_file(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{file} cannot be read as JSON ({str(err).splitlines()[0][:100]}): remove it or move it out of the folder") from None
+        raise DataError(
+            f"{file} cannot be read as JSON ({str(err).splitlines()[0][:100]}): remove it or move it out of the folder"
+        ) from None
     fields = REQUIRED_FIELDS.get(file.name, {})
-    bad = [k for k, kind in fields.items() if not isinstance(data, dict) or not isinstance(data.get(k), (int, float) if kind is float else kind)]
+    bad = [
+        k
+        for k, kind in fields.items()
+        if not isinstance(data, dict) or not isinstance(data.get(k), (int, float) if kind is float else kind)
+    ]
     if bad:
-        raise DataError(f"{file} is not a {file.name} written by this project (no valid {bad[0]!r}): remove it or move it out of the folder")
+        raise DataError(
+            f"{file} is not a {file.name} written by this project (no valid {bad[0]!r}): remove it or move it out of the folder"
+        )
     return data
 
 

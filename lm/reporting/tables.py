@@ -43,8 +43,10 @@ def _hardware(m: dict[str, Any]) -> str:
 # Runs from before metrics.json summed the wall time over resumed processes ("sessions") recorded
 # only the last process's; where that is shorter than the training itself, the table says so.
 LAST_PROCESS_MARK = "†"
-LAST_PROCESS_NOTE = (f"{LAST_PROCESS_MARK} wall time of the run's last process only: it was resumed before metrics.json "
-                     "summed the wall time over processes (train min covers every process).")
+LAST_PROCESS_NOTE = (
+    f"{LAST_PROCESS_MARK} wall time of the run's last process only: it was resumed before metrics.json "
+    "summed the wall time over processes (train min covers every process)."
+)
 
 
 def _wall_hours(m: dict[str, Any]) -> str:
@@ -56,7 +58,8 @@ def _wall_hours(m: dict[str, Any]) -> str:
 
 def runs_table(runs: list[ResultFile]) -> str:
     header = (
-        "| run | seed | epochs | valid (batched) | test (paper protocol) | test (batched) | train min | wall h | hardware | overrides |\n"
+        "| run | seed | epochs | valid (batched) | test (paper protocol) | test (batched) | train min | wall h | hardware "
+        "| overrides |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
@@ -66,7 +69,8 @@ def runs_table(runs: list[ResultFile]) -> str:
         epochs = str(len(m["epochs"])) if m.get("completed", True) else f"partial ({m['steps']} steps)"
         rows.append(
             f"| `{r.path.as_posix()}` | {m['seed']} | {epochs} | {_fmt(m['valid_ppl'])} | {_fmt(m['test_ppl'])} | "
-            f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {_wall_hours(m)} | {_hardware(m)} | {overrides} |"
+            f"{_fmt(m['eval']['test']['batched'])} | {_minutes(m['train_seconds'])} | {_wall_hours(m)} | {_hardware(m)} "
+            f"| {overrides} |"
         )
     if any(LAST_PROCESS_MARK in row for row in rows):
         rows += ["", LAST_PROCESS_NOTE]
@@ -164,8 +168,13 @@ def averages_not_run(ensembles: list[ResultFile]) -> str | None:
     for experiment, averages in PAPER_AVERAGES.items():
         missing = [(n, t) for n, _, t in averages if (experiment, n) not in done]
         if missing:
-            lines.append(f"- {experiment}: averages of " + ", ".join(str(n) for n, _ in missing) + " models (paper test "
-                         + " / ".join(f"{t:.1f}" for _, t in missing) + ")")
+            lines.append(
+                f"- {experiment}: averages of "
+                + ", ".join(str(n) for n, _ in missing)
+                + " models (paper test "
+                + " / ".join(f"{t:.1f}" for _, t in missing)
+                + ")"
+            )
     return "\n".join(["Not run yet, of the paper's averages:", "", *lines]) if lines else None
 
 
@@ -184,14 +193,17 @@ def mc_dropout_table(evals: list[ResultFile], runs: list[ResultFile]) -> str | N
         paper = PAPER_MC_TEST.get(experiment or "")
         rows.append(
             f"| `{e.path.as_posix()}` | {experiment or ''} | {mc['samples']} | {_fmt(std['valid']['batched']['ppl'])} | "
-            f"{_fmt(mc_res['valid']['batched']['ppl'])} | {_fmt(std['test']['stream']['ppl'])} | {_fmt(mc_res['test']['stream']['ppl'])} | "
+            f"{_fmt(mc_res['valid']['batched']['ppl'])} | {_fmt(std['test']['stream']['ppl'])} | "
+            f"{_fmt(mc_res['test']['stream']['ppl'])} | "
             f"{'' if paper is None else f'{paper:.1f}'} | {_minutes(mc.get('seconds'))} | {_hardware(e.metrics)} |"
         )
     if not rows:
         return None
-    header = ("| run | experiment | samples | valid | valid (MC) | test (paper protocol) | test (MC) | paper test (MC) "
-              "| MC eval min | hardware |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| run | experiment | samples | valid | valid (MC) | test (paper protocol) | test (MC) | paper test (MC) "
+        "| MC eval min | hardware |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     return "\n".join([header, *rows])
 
 
@@ -207,16 +219,24 @@ def render(runs: list[ResultFile], ensembles: list[ResultFile] | None = None, ev
     if not runs:
         parts += ["No runs yet: `make train-small` makes one.", ""]
         return "\n".join(parts)
-    parts += ["## Against the paper (Zaremba et al. 2014, Table 1)", "",
-              "Mean ± standard deviation over the completed runs of each paper experiment (runs cut short by",
-              "`trainer.max_steps`, and runs of studies without a paper number, are listed under Runs only).", "",
-              comparison_table(runs, every_paper_row=True), ""]
+    parts += [
+        "## Against the paper (Zaremba et al. 2014, Table 1)",
+        "",
+        "Mean ± standard deviation over the completed runs of each paper experiment (runs cut short by",
+        "`trainer.max_steps`, and runs of studies without a paper number, are listed under Runs only).",
+        "",
+        comparison_table(runs, every_paper_row=True),
+        "",
+    ]
     apart = other_recipes_table(runs)
     if apart:
-        parts += ["Not compared: runs named after a paper experiment whose recipe (the resolved config) is another.", "",
-                  apart, ""]
-    parts += ["## Runs", "", runs_table(runs), "",
-              "Learning curves: `curve.png` in each run folder.", ""]
+        parts += [
+            "Not compared: runs named after a paper experiment whose recipe (the resolved config) is another.",
+            "",
+            apart,
+            "",
+        ]
+    parts += ["## Runs", "", runs_table(runs), "", "Learning curves: `curve.png` in each run folder.", ""]
     if ensembles:
         parts += ["## Model averaging (mean of the members' probabilities per token)", "", ensemble_table(ensembles), ""]
     missing = averages_not_run(ensembles or [])
