@@ -21,18 +21,18 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large reproduce ablation eval table test bench profile wheels gpu-check clean
+.PHONY: help setup data train-small train-medium train-large reproduce ablation eval table test test-fast lint bench profile wheels gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  ARGS='key=value ...' passes Hydra overrides to train-*, e.g. make train-small ARGS='trainer.seed=2'"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
 
-setup: $(STAMP) ## create .venv and install the package with its dev extras
+setup: $(STAMP) ## create .venv and install the package with its dev extras, at the versions in constraints.txt
 
 data: $(STAMP) ## download PTB into data/ptb (or $LM_DATA_DIR) and check the MD5 sums
 	$(PY) -m lm.data || $(STATUS)
@@ -65,8 +65,14 @@ eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=run
 table: $(STAMP) ## regenerate results/README.md from results/; print it with your runs/ (sweeps too) beside
 	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
-test: $(STAMP) ## run the test suite (real-PTB tests need $LM_DATA_DIR; they skip without it)
+test: lint ## lint, then the full test suite (real-PTB tests need $LM_DATA_DIR; they skip without it)
 	$(PY) -m pytest || $(STATUS)
+
+test-fast: $(STAMP) ## the fast tier: every module in under a minute (no real PTB, no test of a second or more)
+	$(PY) -m pytest -q -m "not slow and not full and not ptb" || $(STATUS)
+
+lint: $(STAMP) ## ruff: lint and format check (ruff format . fixes the format)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . || $(STATUS)
 
 bench: $(STAMP) ## training and evaluation speed against a plain PyTorch step, written to results/bench.json
 	$(PY) scripts/bench.py $(ARGS) || $(STATUS)

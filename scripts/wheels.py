@@ -3,7 +3,7 @@
 A GPU machine that cannot reach a package index already has torch built for its CUDA; it
 needs the rest. The list comes from pyproject.toml (the dependencies, the dev extra for
 pytest, and the build requirements, since torch's cpp_extension imports setuptools), minus
-torch. pip resolves that list once here, then each pinned distribution is fetched as a wheel
+torch. pip resolves that list once here, under constraints.txt (the versions CI tested), then each pinned distribution is fetched as a wheel
 for the target platform; the few that publish only a source archive (antlr4-python3-runtime,
 which hydra-core needs) are built into wheels here. ``make gpu-check`` installs the folder
 with ``pip install --no-index --find-links``.
@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CONSTRAINTS = REPO / "constraints.txt"  # the exact versions CI installs: the wheels are those
 EXCLUDED = ("torch",)  # the GPU machine's own CUDA build
 EXTRAS = ("dev",)  # pytest, and the launchers the tests import
 PYTHON_VERSION = "3.11"  # pyproject's; the lent H200's python3 is 3.12 (--python-version 3.12)
@@ -63,7 +64,8 @@ def resolve(reqs: list[str], pip: list[str]) -> list[dict]:
     installing anything: [{name, version, wheel}], ``wheel`` false where only a source archive exists."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        _run([*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *reqs])
+        pinned = ["-c", str(CONSTRAINTS)] if CONSTRAINTS.is_file() else []
+        _run([*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *pinned, *reqs])
         items = json.loads(report.read_text())["install"]
     return [
         {

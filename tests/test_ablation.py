@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lm.engine.training import train
 from lm.reporting.ablation import ORDER, describe, write_ablation
 
 from helpers import REPO, tiny_overrides, train_config
 
 
+@pytest.mark.full
 def test_table_plot_and_copies_from_one_run_per_placement(shared_tiny_corpus, tmp_path: Path):
     runs = tmp_path / "runs"
     placements = {

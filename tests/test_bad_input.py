@@ -253,6 +253,7 @@ CONFIG_CASES = [
 
 
 @pytest.mark.parametrize("args, message", CONFIG_CASES, ids=[c[0][0] for c in CONFIG_CASES])
+@pytest.mark.full
 def test_bad_config_values(args, message, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     code, err = run_cli(train_module._hydra_entry, [*args, f"hydra.run.dir={run_dir}"], monkeypatch, capsys)
@@ -299,6 +300,7 @@ RUN_CASES = [
 
 
 @pytest.mark.parametrize("case, build, message", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+@pytest.mark.full
 def test_bad_data_runs_and_checkpoints(case, build, message, world, tmp_path, monkeypatch, capsys):
     argv = build(world)
     if not any(a.startswith("hydra.run.dir=") for a in argv):
@@ -483,6 +485,7 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("case, build, message, code", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+@pytest.mark.full
 def test_train_refuses_and_touches_nothing(case, build, message, code, world, tmp_path, monkeypatch, capsys):
     argv = build(world, tmp_path)
     if not any(a.startswith("hydra.run.dir=") for a in argv):
@@ -633,6 +636,7 @@ EVAL_MORE_CASES = [
 
 
 @pytest.mark.parametrize("case, build, message", EVAL_MORE_CASES, ids=[c[0] for c in EVAL_MORE_CASES])
+@pytest.mark.full
 def test_evaluate_refuses_before_work_and_touches_nothing(case, build, message, world, tmp_path, monkeypatch, capsys):
     before = snapshot(world["root"])
     code, err = run_cli(evaluate_module._hydra_entry, build(world, tmp_path), monkeypatch, capsys)
@@ -862,6 +866,7 @@ def run_ok(entry, argv: list[str], monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("where", ["sweep-job", "spaced"])
+@pytest.mark.full
 def test_paths_with_equals_commas_and_spaces_are_accepted(where, world, tmp_path, monkeypatch, capsys):
     """A sweep job's folder (trainer.seed=1,model.dropout=0.3) or a path with spaces, unquoted:
     lm.evaluate and lm.generate read it, and trainer.resume continues from it into such a folder."""

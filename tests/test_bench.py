@@ -59,6 +59,7 @@ def test_sizes_come_from_the_recipes():
     assert bench.recipe_shapes("large") == (1500, 35, 0.65, 0.04)
 
 
+@pytest.mark.full
 def test_profile_charges_every_millisecond_of_a_step(tmp_path):
     """make profile's table: every category of a real (tiny) step, shares that add up to the step."""
     import profile_step
@@ -77,9 +78,19 @@ def test_step_gemms_count_the_step_flops():
         assert flop == bench.train_flops_per_token(hidden) * bench.BATCH * bptt
 
 
-def test_gemm_seconds_measures_a_positive_rate():
-    timing = bench.gemm_seconds(16, 3, bench.torch.float32, reps=1)
-    assert timing["seconds"] > 0 and timing["gflops"] > 0
+def test_gemm_seconds_charges_each_product_its_count_and_rate(monkeypatch):
+    """Each shape is timed over at most 8 products and charged for all of its ``count``; the rate is
+    the step's FLOPs over that time (a fixed 4 ms per timed call stands in for the clock)."""
+    calls = []
+    monkeypatch.setattr(bench, "_timed", lambda fn, device=bench.CPU: calls.append(fn()) or 0.004)
+    timing = bench.gemm_seconds(16, 3, bench.torch.float32, reps=3)
+    gemms = bench.step_gemms(16, 3)
+    seconds = sum(count * 0.004 / min(count, 8) for _, _, _, _, count in gemms)
+    flop = sum(2 * m * k * n * count for _, m, k, n, count in gemms)
+    assert len(calls) == 3 * len(gemms)
+    assert [len(c) for c in calls[:3]] == [min(gemms[0][4], 8)] * 3  # the products of one timed call
+    assert timing["seconds"] == pytest.approx(seconds)
+    assert timing["gflops"] == pytest.approx(flop / seconds / 1e9)
 
 
 def test_timers_take_turns_and_ratios_pair_them():
@@ -109,6 +120,7 @@ def test_cuda_bench_without_a_gpu_is_refused(capsys):
     assert "--device cuda: torch sees no GPU here" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_emulated_bf16_is_not_timed_and_has_no_targets(tmp_path, monkeypatch, capsys):
     """Where the CPU has no bf16 instructions the bench skips the bf16 step (tens of times slower than
     fp32 there) and judges only the fp32 targets."""
@@ -125,6 +137,7 @@ def test_emulated_bf16_is_not_timed_and_has_no_targets(tmp_path, monkeypatch, ca
     assert [t["target"] for t in report["targets"]] == ["small: ours fp32 >= 1.0x reference"]
 
 
+@pytest.mark.full
 def test_profile_skips_emulated_bf16_unless_asked(tmp_path, monkeypatch, capsys):
     import profile_step
 

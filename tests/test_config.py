@@ -159,6 +159,7 @@ def test_a_rate_set_on_the_command_line_that_the_variant_ignores_is_warned_about
 # ------------------------------------------------------------- recipes
 
 
+@pytest.mark.full
 def test_a_recipe_is_what_a_run_measures_not_how_it_ran():
     small = recipe(validate(compose("train", ["experiment=zaremba_small"])))
     how = ["trainer.seed=3", "trainer.threads=1", "trainer.precision=bf16", "data.dir=/x", "name=mine", "trainer.log_every=7"]

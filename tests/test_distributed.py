@@ -131,6 +131,7 @@ def _agree_in_two_processes(rank: int, store_file: str, values: list[int], out_f
 
 
 @pytest.mark.parametrize("values, agreed", [([7, 7], True), ([7, 8], False), ([2**62, -(2**62)], False)])
+@pytest.mark.full
 def test_ranks_agree_only_on_one_value(tmp_path: Path, values: list[int], agreed: bool):
     """The check behind one saved RNG state for all ranks: every rank learns whether all hold the same value."""
     import torch.multiprocessing as mp

@@ -68,10 +68,19 @@ def test_mc_dropout_with_one_deterministic_pass_equals_plain_evaluation(name):
         assert nll_mc != evaluate(model, data, 5)[0]  # dropout really was on
 
 
-def test_none_has_no_masks_in_training():
-    model = make("none").train()
+@pytest.mark.parametrize("name", VARIANT_MODELS)
+def test_only_none_draws_no_masks_in_training(name):
+    """Variant none: a training pass leaves the generator untouched and computes evaluation's output,
+    with every rate set (it reads none of them); every other variant draws masks from it."""
+    model = make("none", **{**VARIANT_MODELS["variational"], "dropout": 0.5}) if name == "none" else build(name)
+    model.train()
     x = torch.randint(0, V, (2, 5))
-    assert torch.allclose(model(x, model.init_state(2))[0], model.eval()(x, model.init_state(2))[0], atol=1e-6)
+    before = torch.get_rng_state()
+    trained = model(x, model.init_state(2))[0]
+    drew = not torch.equal(torch.get_rng_state(), before)
+    assert drew == (name != "none")
+    if name == "none":
+        assert torch.allclose(trained, model.eval()(x, model.init_state(2))[0], atol=1e-6)
 
 
 def _recorded_locked_masks(monkeypatch):

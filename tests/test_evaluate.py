@@ -75,6 +75,7 @@ def test_evaluate_command_matches_training_numbers(tiny_run: Path):
     assert json.loads(out.read_text())["results"]["test"]["stream"]["tokens"] == metrics["test_predictions"]
 
 
+@pytest.mark.full
 def test_mc_evaluation_records_its_time_and_hardware_and_the_report_shows_them(tiny_run: Path, tmp_path: Path):
     import shutil
 
@@ -131,6 +132,7 @@ def test_mixture_averages_probabilities_not_log_probabilities():
     assert evaluate_mixture([a], data, 5) == evaluate(a, data, 5)
 
 
+@pytest.mark.full
 def test_ensemble_command_and_report(tiny_run: Path, tmp_path: Path):
     from lm.engine.averaging import run_ensemble
     from lm.engine.training import train

@@ -87,6 +87,7 @@ def test_kills_and_signals_anywhere_then_resume_gives_the_uninterrupted_run(tiny
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.full
 def test_sigterm_mid_epoch_checkpoints_and_resumes_bit_identically(tiny_corpus, tmp_path, monkeypatch):
     straight = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2")), tmp_path / "a")
     monkeypatch.setenv("LM_FAULT", "step:40:TERM")
@@ -120,6 +121,7 @@ def _poison_forward(monkeypatch, at_call: int) -> None:
     monkeypatch.setattr(lm.model.language_model.LSTMLanguageModel, "features", features)
 
 
+@pytest.mark.full
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=1")), tmp_path)
     good = (tmp_path / "checkpoint.pt").read_bytes()
@@ -194,6 +196,7 @@ SIGNAL_CASES = [
 
 
 @pytest.mark.parametrize("fault, code, message", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
+@pytest.mark.full
 def test_signals_after_the_epoch_loop_stop_the_run_with_one_line(
     fault, code, message, tiny_corpus, tmp_path, monkeypatch, capsys
 ):
@@ -263,6 +266,7 @@ def test_nonfinite_training_exits_3_with_one_line(case, extra, message, tiny_cor
     assert not (run / "metrics.json").exists()
 
 
+@pytest.mark.full
 def test_max_steps_run_continued_is_not_completed(tiny_corpus, tmp_path):
     from lm.reporting.results import find_runs
     from lm.reporting.tables import comparison_table
@@ -274,6 +278,7 @@ def test_max_steps_run_continued_is_not_completed(tiny_corpus, tmp_path):
     assert "| `run` |" not in comparison_table(find_runs(tmp_path))
 
 
+@pytest.mark.full
 def test_resume_auto_of_a_finished_run_changes_nothing(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=3")), run)
@@ -323,6 +328,7 @@ def test_the_data_cache_is_keyed_by_content_not_mtime(tiny_corpus):
     assert "cow" in second.vocab and "cat" not in second.vocab and "cat" in first.vocab
 
 
+@pytest.mark.full
 def test_a_sweep_names_its_jobs_without_equals_or_commas_and_a_rerun_replaces_nothing(tiny_corpus, tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     args = ["-m", *tiny_overrides(tiny_corpus, "trainer.max_steps=1"), "model.dropout=0.1,0.2", f"hydra.sweep.dir={sweep}"]

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -45,6 +47,7 @@ def test_epoch_lines_of_the_trainers_log_become_records():
     ]
 
 
+@pytest.mark.full
 def test_a_run_still_going_at_the_mark_gets_sigterm_and_counts_as_expected(tmp_path):
     clock = gpu_check.Clock()
     commands = {"quick": [sys.executable, "-c", "pass"], "long": [sys.executable, "-c", "import time; time.sleep(60)"]}
@@ -55,6 +58,7 @@ def test_a_run_still_going_at_the_mark_gets_sigterm_and_counts_as_expected(tmp_p
     assert (phases["long"].exit_code, phases["long"].detail["stopped_by_deadline"], phases["long"].ok) == (143, True, True)
 
 
+@pytest.mark.full
 def test_dry_run_writes_the_summary_and_small_files_only(tmp_path):
     """The whole check on CPU: every phase, both trainings to their end, nothing heavy in the output."""
     out, runs = tmp_path / "out", tmp_path / "runs"

@@ -18,6 +18,7 @@ def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageMod
     [(200, 0.1, 4_653_200), (650, 0.05, 19_780_400), (1500, 0.04, 66_034_000)],
     ids=["small", "medium", "large"],
 )
+@pytest.mark.full
 def test_parameter_counts_match_the_paper(hidden, init, expected):
     cfg = ModelConfig("m", hidden, 2, 0.0, init, "zaremba", 0.0, 0.0, 0.0, 0.0, 0.0, False)
     model = LSTMLanguageModel.from_config(cfg, 10_000)
@@ -114,11 +115,17 @@ def test_eval_mode_is_deterministic_and_mask_free():
     assert torch.equal(a, b)
 
 
-def test_no_dropout_placement_when_rate_is_zero():
-    model = make(dropout=0.0).train()
+@pytest.mark.parametrize("dropout, draws", [(0.0, False), (0.5, True)])
+def test_no_dropout_placement_when_rate_is_zero(dropout, draws):
+    """At rate 0 a training pass draws no mask (the generator is untouched) and computes what
+    evaluation does; at 0.5 it draws, so the check can tell the two apart."""
+    model = make(dropout=dropout).train()
     x = torch.randint(0, 30, (2, 5))
-    trained_path = model(x, model.init_state(2))[0]  # the training time loop; eval uses the fused kernel
-    assert torch.allclose(trained_path, model.eval()(x, model.init_state(2))[0], atol=1e-6)
+    before = torch.get_rng_state()
+    trained_path = model(x, model.init_state(2))[0]
+    assert torch.equal(torch.get_rng_state(), before) != draws
+    same = torch.allclose(trained_path, model.eval()(x, model.init_state(2))[0], atol=1e-6)
+    assert same != draws
 
 
 def test_detach_cuts_the_graph_between_windows():

@@ -156,6 +156,7 @@ def test_summed_nll_with_extreme_logits_is_finite(backend):
     assert torch.isfinite(loss) and torch.allclose(loss, expected, rtol=1e-4)
 
 
+@pytest.mark.full
 def test_without_a_compiler_training_falls_back_with_one_warning(tmp_path):
     """No compiler: one warning line, then the pure-PyTorch path trains and computes the same loss."""
     script = (

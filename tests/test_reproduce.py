@@ -72,6 +72,7 @@ def test_small_averages_and_the_variational_mc_evaluation_run_to_the_table(tiny_
     assert capsys.readouterr().out.count("start: ") == 0 and started == 5
 
 
+@pytest.mark.full
 def test_a_failed_step_stops_the_plan_with_its_log_named(tiny_corpus: Path, tmp_path: Path, capsys):
     root = tmp_path / "table1"
     assert reproduce(root, ["small"], 1, 2, 1, 2, [*TINY, "optim.lr=-1"], str(tiny_corpus)) == 1
@@ -89,6 +90,7 @@ def test_jobs_get_disjoint_cores(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores and Linux")
+@pytest.mark.full
 def test_each_running_step_is_pinned_to_its_own_core(tmp_path: Path, capsys):
     """Three steps, two at a time, one thread each: the two that run together never share a core,
     and the third takes the core its predecessor freed."""
@@ -106,6 +108,7 @@ def test_each_running_step_is_pinned_to_its_own_core(tmp_path: Path, capsys):
     assert "start: step 0 (1 thread, core " in capsys.readouterr().out
 
 
+@pytest.mark.full
 def test_train_arg_may_not_set_what_each_step_sets():
     result = subprocess.run(
         [sys.executable, "-m", "lm.reproduce", "--dry-run", "--train-arg", "trainer.seed=3"],

@@ -63,6 +63,7 @@ def test_slurm_launcher_config_composes_with_overrides():
     assert launcher.max_num_timeout > 0  # requeue after a time limit
 
 
+@pytest.mark.full
 def test_sigusr1_checkpoints_passes_the_signal_on_and_resumes_identically(tiny_corpus, tmp_path, monkeypatch):
     """What SLURM + submitit do before a time limit: SIGUSR1, checkpoint, requeue, resume."""
     straight = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=2")), tmp_path / "a")

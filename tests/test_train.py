@@ -117,6 +117,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(isa, warned, tiny_corpus,
 
 
 @pytest.mark.parametrize("preset", [f"experiment={e}" for e in EXPERIMENTS] + [f"model={m}" for m in MODELS])
+@pytest.mark.full
 def test_every_preset_composes_and_trains_two_steps(preset, shared_tiny_corpus, tmp_path):
     overrides = tiny_overrides(shared_tiny_corpus, preset, "trainer.max_steps=2", "trainer.threads=0")
     overrides.remove("model=tiny")
@@ -161,6 +162,7 @@ def test_max_steps_run_writes_complete_metrics(tiny_corpus, tmp_path):
     assert (tmp_path / "checkpoint.pt").exists() and any((tmp_path / "tb").iterdir())
 
 
+@pytest.mark.full
 def test_resume_is_bit_identical(tiny_corpus, tmp_path):
     straight = train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=3")), tmp_path / "a")
     train(train_config(tiny_overrides(tiny_corpus, "trainer.epochs=1")), tmp_path / "b")
@@ -235,6 +237,7 @@ def _run_cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subpr
     ],
     ids=["range", "unknown-key", "unknown-preset", "missing-data"],
 )
+@pytest.mark.full
 def test_cli_user_errors_are_one_line_exit_2_and_write_nothing(args, message, tmp_path):
     run_dir = tmp_path / "run"
     result = _run_cli(["lm.train", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -273,6 +276,7 @@ def test_only_rank_0_refuses_a_locked_folder_before_training(tiny_corpus, tmp_pa
         preflight(cfg)
 
 
+@pytest.mark.full
 def test_cli_trains_end_to_end(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = _run_cli(["lm.train", *tiny_overrides(tiny_corpus, "trainer.max_steps=4"), f"hydra.run.dir={run_dir}"], cwd=REPO)

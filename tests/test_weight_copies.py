@@ -127,6 +127,7 @@ def test_tied_and_weight_dropped_matrices_keep_their_fp32_gradients():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.full
 def test_bf16_training_stopped_mid_epoch_and_resumed_is_bit_identical(tiny_corpus, tmp_path, monkeypatch):
     """The copies are not in the checkpoint: cast again from the loaded weights, they are what the
     uninterrupted run held, so a bf16 run stopped mid-epoch and resumed gives the same weights."""
