@@ -21,8 +21,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16")
-# Where dropout goes (lm.model.dropout draws the masks; rates_used says which rates each one reads).
-DROPOUT_VARIANTS = ("zaremba", "variational", "recurrent", "none")
+# Where dropout goes, per variant: the model.* rates it reads (the one place that says so; lm.model
+# draws the masks). zaremba: a fresh mask per step on the non-recurrent connections; variational: one
+# mask per sequence on words, layer inputs, h_{t-1} and the output; recurrent: zaremba's masks plus a
+# fresh one on h_{t-1}. weight_drop and tie_weights apply to every variant.
+VARIANT_RATES: dict[str, tuple[str, ...]] = {
+    "zaremba": ("dropout",),
+    "variational": ("dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output"),
+    "recurrent": ("dropout", "dropout_recurrent"),
+    "none": (),
+}
+DROPOUT_VARIANTS = tuple(VARIANT_RATES)
 
 
 class ConfigError(ValueError):
@@ -165,13 +174,8 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def rates_used(variant: str) -> tuple[str, ...]:
-    """The ``model.*`` dropout rates that ``variant`` reads (as lm/model/language_model.py does); under it the
-    others have no effect. ``weight_drop`` and ``tie_weights`` apply to every variant."""
-    if variant == "variational":
-        return ("dropout_embedding", "dropout_input", "dropout_recurrent", "dropout_output")
-    if variant == "recurrent":
-        return ("dropout", "dropout_recurrent")
-    return ("dropout",) if variant == "zaremba" else ()
+    """The ``model.*`` dropout rates that ``variant`` reads; under it the others have no effect."""
+    return VARIANT_RATES[variant]
 
 
 def unused_rates(m: ModelConfig) -> list[str]:

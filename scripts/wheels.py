@@ -3,7 +3,8 @@
 A GPU machine that cannot reach a package index already has torch built for its CUDA; it
 needs the rest. The list comes from pyproject.toml (the dependencies, the dev extra for
 pytest, and the build requirements, since torch's cpp_extension imports setuptools), minus
-torch. pip resolves that list once here, under constraints.txt (the versions CI tested), then each pinned distribution is fetched as a wheel
+torch. pip resolves that list once here, under constraints.txt (the versions CI tested), then
+each pinned distribution is fetched as a wheel
 for the target platform; the few that publish only a source archive (antlr4-python3-runtime,
 which hydra-core needs) are built into wheels here. ``make gpu-check`` installs the folder
 with ``pip install --no-index --find-links``.

@@ -14,6 +14,7 @@ import torch
 
 from lm.config import ConfigError
 from lm.engine.distributed import Group, check_gpu_per_process
+from lm.engine.epochs import STOP_CHECK_EVERY
 from lm.engine.step import EpochLoop
 from lm.engine.training import train
 from lm.infra.checkpoint import load_checkpoint
@@ -95,12 +96,14 @@ def test_a_stopped_two_process_run_resumes_in_one_process_as_if_never_split(tiny
 
 def test_ranks_check_for_a_stop_every_few_steps_not_every_step():
     """The stop check is a collective with a host sync under torchrun: asked every ``stop_every`` steps."""
+    every = STOP_CHECK_EVERY  # what a torchrun run uses
+    assert every > 1
     asked = []
-    loop = EpochLoop(should_stop=lambda: asked.append(1) or False, stop_every=20)
-    assert all(loop.keeps_going(step) for step in range(100))
-    assert len(asked) == 5  # steps 0, 20, 40, 60, 80
-    stopping = EpochLoop(should_stop=lambda: True, stop_every=20)
-    assert stopping.keeps_going(19) and not stopping.keeps_going(20)
+    loop = EpochLoop(should_stop=lambda: asked.append(1) or False, stop_every=every)
+    assert all(loop.keeps_going(step) for step in range(5 * every))
+    assert len(asked) == 5  # steps 0, every, 2 every, ...
+    stopping = EpochLoop(should_stop=lambda: True, stop_every=every)
+    assert stopping.keeps_going(every - 1) and not stopping.keeps_going(every)
 
 
 def test_a_rank_gets_its_rows_of_every_mask():

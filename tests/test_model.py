@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lm.config import ModelConfig
+from lm.config import compose, validate
 from lm.model.language_model import LSTMLanguageModel, count_parameters, detach_state
+from lm.reporting.paper import PAPER_PARAMETERS
 
 
 def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageModel:
@@ -13,16 +14,13 @@ def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageMod
     return LSTMLanguageModel(vocab, hidden, layers, dropout, init)
 
 
-@pytest.mark.parametrize(
-    "hidden, init, expected",
-    [(200, 0.1, 4_653_200), (650, 0.05, 19_780_400), (1500, 0.04, 66_034_000)],
-    ids=["small", "medium", "large"],
-)
+@pytest.mark.parametrize("size", sorted(PAPER_PARAMETERS))
 @pytest.mark.full
-def test_parameter_counts_match_the_paper(hidden, init, expected):
-    cfg = ModelConfig("m", hidden, 2, 0.0, init, "zaremba", 0.0, 0.0, 0.0, 0.0, 0.0, False)
+def test_parameter_counts_match_the_paper(size):
+    """Each model preset, as the configs define it, has the paper's parameter count."""
+    cfg = validate(compose("train", [f"model={size}"])).model
     model = LSTMLanguageModel.from_config(cfg, 10_000)
-    assert count_parameters(model) == expected
+    assert count_parameters(model) == PAPER_PARAMETERS[size]
 
 
 def test_every_parameter_uniform_in_init_range_biases_too():

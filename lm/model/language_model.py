@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lm.config import DROPOUT_VARIANTS as VARIANTS
-from lm.config import ModelConfig
+from lm.config import ModelConfig, rates_used
 from lm.model.dropout import WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
 from lm.model.recurrence import lstm_window
 
@@ -63,7 +63,7 @@ class LSTMLanguageModel(nn.Module):
         # One module per place so tests and hooks can see every mask: drops[0]
         # is on the embedding output, drops[l] on the output of layer l
         # (zaremba and recurrent variants; rate 0 otherwise).
-        fresh_rate = dropout if variant in ("zaremba", "recurrent") else 0.0
+        fresh_rate = dropout if "dropout" in rates_used(variant) else 0.0
         self.drops = nn.ModuleList(FreshDropout(fresh_rate) for _ in range(num_layers + 1))
         self.decoder = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
@@ -113,7 +113,7 @@ class LSTMLanguageModel(nn.Module):
     @property
     def masks_recurrence(self) -> bool:
         """Whether h_{t-1} is masked (variational with a recurrent rate, recurrent)."""
-        return self.variant in ("variational", "recurrent") and self.dropout_recurrent > 0
+        return "dropout_recurrent" in rates_used(self.variant) and self.dropout_recurrent > 0
 
     def _locked(self, h: torch.Tensor, p: float) -> torch.Tensor:
         if not self.training or p == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lm.config import rates_used
 from lm.infra.checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from lm.infra.cli import check_output_folder
 from lm.infra.errors import DataError
@@ -24,11 +25,12 @@ COPIED = ("metrics.json", "train.log")
 def describe(model: dict[str, Any]) -> str:
     """Where the masks go, in words, from a run's model config."""
     variant, layers = model["dropout_variant"], model["num_layers"]
-    if variant == "none":
+    used = rates_used(variant)
+    if not used:
         parts = ["no dropout"]
-    elif variant in ("zaremba", "recurrent"):
+    elif "dropout" in used:  # fresh masks per step (zaremba's places, and h_t-1 where the variant reads its rate)
         parts = [f"fresh mask per step on the {layers + 1} non-recurrent connections, p={model['dropout']:g}"]
-        if variant == "recurrent":
+        if "dropout_recurrent" in used:
             parts.append(f"fresh mask per step on h_t-1, p={model['dropout_recurrent']:g}")
     else:
         parts = [

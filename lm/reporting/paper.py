@@ -17,6 +17,8 @@ FOLLOW_UPS: dict[str, tuple[str, float, float]] = {
 REFERENCE_ROWS = {**PAPER_TABLE_1, **FOLLOW_UPS}  # every preset with a published number
 # Gal & Ghahramani's test perplexity with Monte Carlo dropout (PAPER.md), per preset.
 PAPER_MC_TEST: dict[str, float] = {"gal_medium": 78.6, "gal_large": 73.4}
+# Zaremba et al. 2014, section 4.1: the parameters of each size on PTB (10,000 words), per model preset.
+PAPER_PARAMETERS: dict[str, int] = {"small": 4_653_200, "medium": 19_780_400, "large": 66_034_000}
 # Table 1, model averaging: {experiment: [(number of models, valid, test), ...]}.
 PAPER_AVERAGES: dict[str, list[tuple[int, float, float]]] = {
     "zaremba_small": [(2, 100.4, 96.1), (5, 87.9, 84.1), (10, 83.5, 80.0)],
