@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from lm.data.batching import batchify, bptt_windows
-from lm.data.corpus import EOS, ensure_ptb, load_corpus, resolve_data_dir, tokenize
+from lm.data.corpora import CORPORA, CUSTOM, PTB, WIKITEXT2, corpus_layout, layout_in
+from lm.data.corpus import EOS, ensure, load_corpus, tokenize
+from lm.engine.runtime import load_data
 from lm.infra.errors import DataError
+
+from helpers import tiny_overrides, train_config
 
 
 def test_batchify_hand_computed():
@@ -89,10 +93,10 @@ def test_bad_custom_files_give_clear_errors(tiny_corpus: Path, damage, message):
 
 def test_env_var_overrides_configured_folder(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("LM_DATA_DIR", str(tmp_path))
-    assert resolve_data_dir("data/ptb") == tmp_path
-    assert resolve_data_dir("my/corpus", is_ptb=False) == Path("my/corpus")  # custom corpora keep their folder
+    assert PTB.folder("data/ptb") == tmp_path
+    assert CUSTOM.folder("my/corpus") == Path("my/corpus")  # custom corpora keep their folder
     monkeypatch.delenv("LM_DATA_DIR")
-    assert resolve_data_dir("data/ptb") == Path("data/ptb")
+    assert PTB.folder("data/ptb") == Path("data/ptb")
 
 
 # ------------------------------------------------------------- real PTB
@@ -109,7 +113,7 @@ def test_ptb_counts_and_vocabulary(ptb_dir: Path):
 @pytest.mark.ptb
 def test_download_verifies_md5(ptb_dir: Path, tmp_path: Path):
     dest = tmp_path / "ptb"
-    ensure_ptb(dest, url=ptb_dir.resolve().as_uri(), download=True)  # a file:// "mirror"
+    ensure(PTB, dest, url=ptb_dir.resolve().as_uri(), download=True)  # a file:// "mirror"
     assert sorted(p.name for p in dest.iterdir()) == ["ptb.test.txt", "ptb.train.txt", "ptb.valid.txt"]
     # a mirror that serves a wrong file is caught, and the wrong file is reported, not used
     bad_mirror = tmp_path / "mirror"
@@ -118,17 +122,17 @@ def test_download_verifies_md5(ptb_dir: Path, tmp_path: Path):
     with open(bad_mirror / "ptb.valid.txt", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(DataError, match=r"ptb.valid.txt has MD5 .* expected aa0affc0.*corrupt or truncated"):
-        ensure_ptb(tmp_path / "ptb2", url=bad_mirror.as_uri(), download=True)
+        ensure(PTB, tmp_path / "ptb2", url=bad_mirror.as_uri(), download=True)
 
 
 def test_unreachable_mirror_says_what_to_do(tmp_path: Path):
     with pytest.raises(DataError, match="could not download .* offline\\? copy ptb"):
-        ensure_ptb(tmp_path / "ptb", url=(tmp_path / "nowhere").as_uri(), download=True)
+        ensure(PTB, tmp_path / "ptb", url=(tmp_path / "nowhere").as_uri(), download=True)
 
 
 def test_missing_ptb_without_download(tmp_path: Path):
     with pytest.raises(DataError, match="is missing: run `make data`"):
-        ensure_ptb(tmp_path, download=False)
+        ensure(PTB, tmp_path, download=False)
 
 
 @pytest.mark.ptb
@@ -140,3 +144,51 @@ def test_corrupt_ptb_file_is_never_used(ptb_dir: Path, tmp_path: Path):
     target.write_text(target.read_text().replace(" the ", " a ", 1))
     with pytest.raises(DataError, match="ptb.test.txt has MD5"):
         load_corpus(copy)
+
+
+# ------------------------------------------------------------- the corpus registry
+
+
+def _as_wikitext2(corpus: Path, folder: Path) -> Path:
+    """The tiny corpus's splits saved in WikiText-2's released layout, with its heading lines."""
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        text = (corpus / f"{split}.txt").read_text()
+        (folder / f"wiki.{split}.tokens").write_text(f" \n = Heading = \n \n{text}")
+    return folder
+
+
+def test_every_corpus_names_three_distinct_files():
+    for name, layout in CORPORA.items():
+        assert layout.name == name and set(layout.file_names) == {"train", "valid", "test"}
+        assert len(set(layout.file_names.values())) == 3
+        assert set(layout.md5) <= set(layout.file_names.values())
+
+
+def test_a_wikitext2_folder_is_read_in_its_layout(tiny_corpus: Path, tmp_path: Path):
+    folder = _as_wikitext2(tiny_corpus, tmp_path / "wikitext-2")
+    corpus = load_corpus(folder, WIKITEXT2)
+    assert corpus.vocab.decode(corpus.train[:4].tolist()) == [EOS, "=", "Heading", "="]
+    assert layout_in(folder) is WIKITEXT2 and load_corpus(folder).train.equal(corpus.train)  # found by its files
+    plain = load_corpus(tiny_corpus, CUSTOM)
+    assert corpus.train.numel() == plain.train.numel() + 6  # the heading's three lines: 3 words and 3 <eos>
+
+
+def test_a_wikitext2_run_trains_from_its_preset(tiny_corpus: Path, tmp_path: Path):
+    from lm.engine.training import train
+
+    folder = _as_wikitext2(tiny_corpus, tmp_path / "wikitext-2")
+    overrides = [o for o in tiny_overrides(folder, "trainer.max_steps=2") if o != "data=custom"] + ["data=wikitext2"]
+    metrics = train(train_config(overrides), tmp_path / "run", overrides)
+    assert metrics["config"]["data"]["name"] == "wikitext2" and metrics["steps"] == 2
+
+
+def test_a_custom_folder_names_its_own_missing_files(tmp_path: Path):
+    """data=custom in an empty folder asks for train.txt, not for PTB's file names."""
+    with pytest.raises(DataError, match=r"nowhere/train\.txt is missing"):
+        load_data(train_config(["data=custom", f"data.dir={tmp_path / 'nowhere'}"]).data)
+
+
+def test_an_unknown_corpus_name_is_one_line(tmp_path: Path):
+    with pytest.raises(DataError, match="data.name 'penn' is not a corpus this project knows: one of ptb, custom, wikitext2"):
+        corpus_layout("penn")

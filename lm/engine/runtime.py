@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from lm.config import ConfigError, DataConfig, TrainConfig, validate_saved
-from lm.data.corpus import DATA_DIR_ENV, Corpus, Vocab, ensure_ptb, load_corpus, resolve_data_dir
+from lm.data.corpora import corpus_layout, layout_in
+from lm.data.corpus import Corpus, Vocab, ensure, load_corpus
 from lm.infra.checkpoint import CheckpointError, vocab_digest
 from lm.kernels import cpu_info
 from lm.model.language_model import LSTMLanguageModel
-
-DEFAULT_PTB_DIR = "data/ptb"
 
 
 def select_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -81,11 +80,12 @@ def provenance(device: torch.device) -> dict[str, Any]:
 
 
 def load_data(data: DataConfig) -> Corpus:
-    """The corpus a training config names (PTB is downloaded if allowed, and MD5-checked)."""
-    folder = resolve_data_dir(data.dir, is_ptb=data.name == "ptb")
-    if data.name == "ptb":
-        ensure_ptb(folder, data.url, download=data.download)
-    return load_corpus(folder)
+    """The corpus a training config names, in its layout (downloaded if it has a source and
+    ``data.download`` allows, and MD5-checked where it has sums)."""
+    layout = corpus_layout(data.name)
+    folder = layout.folder(data.dir)
+    ensure(layout, folder, data.url or None, download=data.download)
+    return load_corpus(folder, layout, check_md5=False)  # ensure has checked them
 
 
 def load_user_data(data_dir: str | None, saved: TrainConfig, key: str = "data_dir") -> Corpus:
@@ -93,16 +93,20 @@ def load_user_data(data_dir: str | None, saved: TrainConfig, key: str = "data_di
 
     A checkpoint is untrusted input: its saved ``data.dir``, ``data.url`` and ``data.download``
     are never used (they could create folders or download from anywhere). PTB comes from
-    ``key`` or ``$LM_DATA_DIR`` or ``data/ptb``, never downloaded here; another corpus needs ``key``.
+    ``key`` or ``$LM_DATA_DIR`` or ``data/ptb``, never downloaded here; a corpus with no default
+    folder needs ``key``. A folder in another known layout is read in that one (a PTB copy saved
+    as train.txt, valid.txt, test.txt); the vocabulary check decides whether it is the right corpus.
     """
-    is_ptb = saved.data.name == "ptb"
-    if data_dir is None and not is_ptb:
+    layout = corpus_layout(saved.data.name)
+    if data_dir is None and layout.default_dir is None:
         raise ConfigError(f"the checkpoint was trained on the {saved.data.name!r} corpus: give its folder with {key}=PATH")
-    folder = Path(data_dir).expanduser() if data_dir is not None else resolve_data_dir(DEFAULT_PTB_DIR)
-    if is_ptb and not (folder / "ptb.train.txt").exists() and not (folder / "train.txt").exists():
-        where = f"${DATA_DIR_ENV}" if data_dir is None and os.environ.get(DATA_DIR_ENV) else key
-        raise ConfigError(f"no PTB files in {folder}: run `make data`, or give the folder with {where}=PATH")
-    return load_corpus(folder)
+    folder = Path(data_dir).expanduser() if data_dir is not None else layout.folder(layout.default_dir)
+    found = layout_in(folder)
+    if data_dir is None and not any(path.exists() for path in found.files(folder).values()):
+        env = layout.folder_env
+        where = f"${env}" if env and os.environ.get(env) else key
+        raise ConfigError(f"no {layout.label} files in {folder}: run `make data`, or give the folder with {where}=PATH")
+    return load_corpus(folder, found)
 
 
 def check_vocab(ckpt: dict[str, Any], vocab: Vocab, what: str = "the corpus") -> None:

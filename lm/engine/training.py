@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lm.config import ConfigError, TrainConfig, check_group_choices, validate
+from lm.data.corpora import corpus_layout
 from lm.engine.distributed import launch_rank
 from lm.engine.epochs import fit
 from lm.engine.metrics import evaluate_final, write_metrics
@@ -87,6 +88,7 @@ def preflight(cfg: DictConfig) -> None:
     c = validate(job_cfg)
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
     select_device(c.trainer.device)  # cuda without a GPU
+    corpus_layout(c.data.name)  # a corpus this project knows
     run_dir = Path(cfg.hydra.run.dir)
     check_output_folder(run_dir, "hydra.run.dir", ConfigError)
     if launch_rank() == 0:  # a run in progress there: say so (the other ranks of a torchrun job find rank 0's own lock)
