@@ -14,6 +14,7 @@ from lm.config import (
     CONFIG_DIR,
     PRESET_GROUPS,
     ConfigError,
+    TrainConfig,
     check_group_choices,
     compose,
     ignored_overrides,
@@ -22,7 +23,7 @@ from lm.config import (
 )
 from lm.engine.training import preflight, train
 
-from helpers import tiny_overrides, train_config
+from helpers import REPO, tiny_overrides, train_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -168,3 +169,22 @@ def test_a_recipe_is_what_a_run_measures_not_how_it_ran():
         assert recipe(validate(compose("train", ["experiment=zaremba_small", what, "data.dir=/x"]))) != small, what
     gal = recipe(validate(compose("train", ["experiment=gal_medium"])))
     assert recipe(validate(compose("train", ["experiment=gal_medium", "model.dropout=0.0"]))) == gal  # ignored by the variant
+
+
+def test_the_readme_config_table_lists_every_key_and_preset(config_copy):
+    """Generated from the schema and configs/: a key or a preset file added shows up in the table,
+    and the README holds the table as generated (make table writes it)."""
+    from lm.reporting.config_keys import config_keys_table, keys
+    from lm.reporting.publish import CONFIG_KEYS_END, CONFIG_KEYS_START
+
+    table = config_keys_table(config_copy)
+    rows = {row.split(" | ")[0].strip("| ").split(":")[0].strip("`"): row for row in table.splitlines()[2:]}
+    for group in ("model", "data", "optim", "trainer"):
+        listed = rows[group].rsplit(" | ", 1)[1]
+        assert all(f"`{key.split('.', 1)[1]}`" in listed for key in keys(TrainConfig) if key.startswith(group + "."))
+        assert all(f"`{p.stem}`" in rows[group] for p in (config_copy / group).glob("*.yaml"))
+    assert "`eval.mc_samples`" in rows["python -m lm.evaluate"]
+    (config_copy / "optim" / "adamish.yaml").write_text("lr: 0.1\n")
+    assert "`adamish`" in config_keys_table(config_copy) and "`adamish`" not in table
+    readme = (REPO / "README.md").read_text()
+    assert f"{CONFIG_KEYS_START}\n{config_keys_table()}\n{CONFIG_KEYS_END}" in readme, "run make table"

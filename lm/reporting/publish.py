@@ -6,23 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm.infra.checkpoint import atomic_write_text
+from lm.reporting.config_keys import config_keys_table
 from lm.reporting.plots import CURVE_NAME, plot_curve
 from lm.reporting.results import ResultFile, find_runs
 from lm.reporting.tables import averages_not_run, comparison_table, ensemble_table, other_recipes_table, render, runs_table
 
 START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"
+CONFIG_KEYS_START, CONFIG_KEYS_END = "<!-- config-keys:start (make table) -->", "<!-- config-keys:end -->"
 
 
-def update_readme_block(readme: Path, block: str) -> bool:
-    """Replace the generated block between the markers of ``readme``, if it has them."""
+def update_readme_block(readme: Path, block: str, start: str = START, end: str = END) -> bool:
+    """Replace the generated block between the markers ``start`` and ``end`` of ``readme``, if it has them."""
     if not readme.is_file():
         return False
     text = readme.read_text()
-    if START not in text or END not in text:
+    if start not in text or end not in text:
         return False
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(readme, f"{head}{START}\n{block}\n{END}{tail}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{block}\n{end}{tail}"
+    if new != text:
+        atomic_write_text(readme, new)
     return True
 
 
@@ -63,6 +67,8 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
         if missing:
             block += "\n\n" + missing
         update_readme_block(readme, block)
+    if readme is not None:
+        update_readme_block(readme, config_keys_table(), CONFIG_KEYS_START, CONFIG_KEYS_END)
     if plots:
         for r in runs:
             plot_curve(r, root / r.path / CURVE_NAME)
