@@ -120,7 +120,7 @@ def _logged_epoch(run: Run, epoch: int, should_stop: Callable[[], bool], writer:
                 on_log=on_log,
                 bar=bar,
             )
-            progress = train_epoch(run.model, run.windows, run.optimizer, run.recipe, progress, loop)
+            progress = train_epoch(run.model, run.windows, run.optimizer, run.step_options, progress, loop)
     except NonFiniteError as err:
         kept = (
             f"the last good checkpoint is {run.checkpoint_path}"

@@ -20,7 +20,7 @@ from lm.data.corpus import Corpus
 from lm.engine.distributed import Group, init_group
 from lm.engine.run_folder import clear_run_folder
 from lm.engine.runtime import load_data, select_device
-from lm.engine.step import EpochProgress, StepRecipe
+from lm.engine.step import EpochProgress, StepOptions
 from lm.infra.checkpoint import CHECKPOINT_NAME, rng_digest, rng_state, save_checkpoint, set_rng_state, vocab_digest
 from lm.infra.errors import DataError
 from lm.infra.faults import fault_point
@@ -46,7 +46,7 @@ class Run:
     valid_data: torch.Tensor
     model: LSTMLanguageModel
     optimizer: torch.optim.Optimizer
-    recipe: StepRecipe
+    step_options: StepOptions  # how each step is computed (precision, clipping, weight decay, the loss)
     config_dict: dict[str, Any]  # the resolved config, as checkpoints and metrics.json store it
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     epochs_done: int = 0
@@ -156,7 +156,7 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-    recipe = StepRecipe(
+    step_options = StepOptions(
         max_grad_norm=cfg.optim.max_grad_norm,
         weight_decay=cfg.optim.weight_decay,
         autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
@@ -166,7 +166,7 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
         clear_run_folder(out_dir)
     return Run(
-        cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, recipe, config_dict
+        cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, step_options, config_dict
     )
 
 

@@ -40,7 +40,7 @@ def learning_rate(epoch: int, optim: OptimConfig) -> float:
 
 
 @dataclass(frozen=True)
-class StepRecipe:
+class StepOptions:
     """How every window of a run is trained (the paper's step and its options)."""
 
     max_grad_norm: float  # global L2 norm the gradients are clipped to
@@ -112,7 +112,7 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     state: State,
-    recipe: StepRecipe,
+    options: StepOptions,
     copies: WeightCopies | None = None,
 ) -> StepResult:
     """One window: forward, the loss summed over time and averaged over the batch, backward, clip, update.
@@ -120,15 +120,15 @@ def train_step(
     whose backward averages the gradients across processes); ``copies``, the bf16 weight copies
     the products read, if any (their gradients are those weights' gradients)."""
     state = detach_state(state)
-    with torch.autocast(x.device.type, dtype=recipe.autocast_dtype, enabled=recipe.autocast_dtype is not None):
+    with torch.autocast(x.device.type, dtype=options.autocast_dtype, enabled=options.autocast_dtype is not None):
         loss_sum, state = objective(x, y, state)  # the decoder and the loss fused on CPU
     (loss_sum / x.size(0)).backward()  # summed over time, averaged over the batch
     grad_norm = total_grad_norm(copies.gradients(params) if copies is not None else [p.grad for p in params])
     finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-    applied = not (recipe.skip_nonfinite and not bool(finite))
+    applied = not (options.skip_nonfinite and not bool(finite))
     if applied:
-        clipped_step(optimizer, params, grad_norm, recipe.max_grad_norm, copies)
-        shrink_weights(params, recipe.weight_decay)
+        clipped_step(optimizer, params, grad_norm, options.max_grad_norm, copies)
+        shrink_weights(params, options.weight_decay)
     optimizer.zero_grad(set_to_none=True)
     if copies is not None:
         copies.zero_grad()
@@ -187,7 +187,7 @@ def train_epoch(
     model: LSTMLanguageModel,
     windows: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    recipe: StepRecipe | float | None = None,
+    options: StepOptions | float | None = None,
     progress: EpochProgress | None = None,
     loop: EpochLoop | None = None,
     **fields: Any,
@@ -196,21 +196,21 @@ def train_epoch(
 
     Stops at the end of the windows, after ``loop.max_steps`` steps of this call, or at the first
     step boundary after ``loop.should_stop()`` turns true. The host syncs only every
-    ``loop.log_every`` steps (and per step with ``recipe.skip_nonfinite``). Short form for scripts
-    and tests: a number as ``recipe`` is its ``max_grad_norm``, and a field of either object can be
+    ``loop.log_every`` steps (and per step with ``options.skip_nonfinite``). Short form for scripts
+    and tests: a number as ``options`` is its ``max_grad_norm``, and a field of either object can be
     given by name, e.g. ``train_epoch(model, windows, opt, 5.0, autocast_dtype=torch.bfloat16)``.
     """
-    recipe, loop = _epoch_options(recipe, loop, fields)
+    options, loop = _epoch_options(options, loop, fields)
     progress = progress or EpochProgress()
     model.train()
     device = next(model.parameters()).device
     params = list(model.parameters())
-    objective = recipe.objective if recipe.objective is not None else WindowLoss(model)
+    objective = options.objective if options.objective is not None else WindowLoss(model)
     state = progress.state if progress.state is not None else model.init_state(windows[0][0].size(0))
     nll = torch.tensor(progress.nll, dtype=torch.float64, device=device)
     norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
-    use_copies = recipe.weight_copies and applies(model, optimizer, objective, recipe.autocast_dtype)
+    use_copies = options.weight_copies and applies(model, optimizer, objective, options.autocast_dtype)
     steps_here, start = 0, time.perf_counter()
     with WeightCopies(model) if use_copies else contextlib.nullcontext() as copies:
         while progress.window < len(windows) and loop.keeps_going(steps_here):
@@ -219,7 +219,7 @@ def train_epoch(
             progress.steps += 1
             steps_here += 1
             step = loop.step_offset + steps_here
-            result = train_step(objective, params, optimizer, x, y, state, recipe, copies)
+            result = train_step(objective, params, optimizer, x, y, state, options, copies)
             state = result.state
             if not result.applied:
                 progress.skipped += 1
@@ -243,15 +243,15 @@ def train_epoch(
 
 
 def _epoch_options(
-    recipe: StepRecipe | float | None, loop: EpochLoop | None, fields: dict[str, Any]
-) -> tuple[StepRecipe, EpochLoop]:
+    options: StepOptions | float | None, loop: EpochLoop | None, fields: dict[str, Any]
+) -> tuple[StepOptions, EpochLoop]:
     """``train_epoch``'s arguments as the two objects (see its short form)."""
-    own = {k: fields.pop(k) for k in list(fields) if k in StepRecipe.__dataclass_fields__}
-    if isinstance(recipe, StepRecipe):
-        recipe = dataclasses.replace(recipe, **own)
+    own = {k: fields.pop(k) for k in list(fields) if k in StepOptions.__dataclass_fields__}
+    if isinstance(options, StepOptions):
+        options = dataclasses.replace(options, **own)
     else:
-        recipe = StepRecipe(**({} if recipe is None else {"max_grad_norm": recipe}), **own)
-    return recipe, dataclasses.replace(loop or EpochLoop(), **fields)
+        options = StepOptions(**({} if options is None else {"max_grad_norm": options}), **own)
+    return options, dataclasses.replace(loop or EpochLoop(), **fields)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
