@@ -21,7 +21,7 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large reproduce ablation eval table test test-fast lint bench profile wheels gpu-check clean
+.PHONY: help setup data train-small train-medium train-large reproduce ablation figures eval table test test-fast lint bench profile wheels gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ ablation: data ## dropout placements side by side (about 2 h on 2 cores; reruns 
 	$(PY) -m lm.train -m experiment=ablation ablation=$(PLACEMENTS) hydra/launcher=joblib \
 		hydra.launcher.n_jobs=$(ABLATION_JOBS) trainer.threads=1 trainer.progress=false trainer.resume=auto $(ARGS) || $(STATUS)
 	$(PY) -m lm.ablation runs/ablation --out results/ablation || $(STATUS)
+
+figures: data ## draw the dropout pictures into results/figures/ from the real model (trains a small LSTM briefly)
+	$(PY) -m lm.figures $(ARGS) || $(STATUS)
 
 # CKPT reaches the command through the environment, quoted: any path works (spaces, '=', ',').
 eval: $(STAMP) ## evaluate a checkpoint under both protocols: make eval CKPT=runs/zaremba_small/seed-1/checkpoint.pt

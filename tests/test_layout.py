@@ -67,6 +67,7 @@ def test_the_layout_is_what_the_test_assumes():
         "lm.data.__main__",
         "lm.ensemble",
         "lm.evaluate",
+        "lm.figures",
         "lm.generate",
         "lm.report",
         "lm.reproduce",
