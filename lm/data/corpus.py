@@ -22,6 +22,7 @@ import torch
 
 from lm.data.corpora import DATA_DIR_ENV, SPLITS, CorpusLayout, layout_in
 from lm.infra.errors import DataError
+from lm.infra.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,15 @@ def md5sum(path: Path) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+    """``url`` into ``dest`` through a temporary file of its own (a file of the user's is never replaced
+    or removed: only missing files are downloaded)."""
+
+    def copy(out) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response:
             while block := response.read(1 << 20):
                 out.write(block)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, copy)
 
 
 def verify(layout: CorpusLayout, folder: Path) -> None:

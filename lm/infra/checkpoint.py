@@ -11,14 +11,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lm.infra.outputs import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401  (their old home)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".lock"
@@ -95,49 +95,6 @@ class RunFolderLock:
 def vocab_digest(words: list[str]) -> str:
     """SHA-256 of a vocabulary in id order: equal digests mean the same word for every id."""
     return hashlib.sha256("\n".join(words).encode()).hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", before_commit: Callable[[], None] | None = None
-) -> None:
-    """Write ``path`` through ``write(file)`` so that readers see old or new, never half.
-
-    ``before_commit`` runs after the data is on disk and before the rename (a test hook).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_commit is not None:
-            before_commit()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def rng_state(device: torch.device = torch.device("cpu")) -> dict[str, Any]:
