@@ -12,6 +12,7 @@ measures), so that every module that needs them imports them from below.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
@@ -222,6 +223,13 @@ RESUME_KEYS = tuple(f"{g}.{k}" for g, keys in RECIPE_KEYS.items() for k in keys 
     "trainer.precision",
     "trainer.tf32",
 )
+# Keys that change how a step's windows are cut: a resume applies a change of one only at an epoch
+# boundary (the position in the epoch is recomputed), and refuses it from a mid-epoch checkpoint.
+EPOCH_BOUNDARY_KEYS = ("data.name", "data.batch_size", "data.bptt")
+# Not a config key but a fact of the machine a resume must keep: which kernels train the run
+# (the fused CPU kernels draw other dropout masks than PyTorch's; lm.kernels.path).
+KERNELS = "kernels"
+ALLOWED_CHANGES = (*RESUME_KEYS, KERNELS)
 
 
 def resume_values(cfg: TrainConfig) -> dict[str, Any]:
@@ -282,6 +290,85 @@ def _keys_set_by(path: Path, prefix: str) -> set[str]:
     return keys
 
 
+# ---------------------------------------------------------------- upper bounds: what fits the machine
+# Every numeric key has one, checked at start-up with the rest, so that a value no machine (or not
+# this one) can hold stops the command in one line instead of a traceback deep in torch, possibly
+# after hours of work.
+
+FLOAT_MAX = 3.4028234663852886e38  # the largest fp32: the step computes in fp32
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
+COUNT_MAX = 2**62  # epochs, steps, window lengths: an int64 everywhere
+SIZE_MAX = 2**31 - 1  # a tensor dimension (hidden size, batch, samples) the kernels index with int64 products
+WORDS_MAX = 10**7  # words to generate, each kept in memory until printed
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory (2**40 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def machine_cores() -> int:
+    """Logical cores this machine has: the most threads worth starting."""
+    return os.cpu_count() or 1
+
+
+def fits_memory(needed: float, key: str, value: Any, what: str, hint: str) -> None:
+    """Refuse a value whose ``needed`` bytes exceed this machine's memory (``what`` says for what)."""
+    memory = machine_memory()
+    if needed > memory:
+        raise ConfigError(
+            f"{key}={value} needs about {needed:.2g} bytes for {what}, more than this machine's {memory:.2g}: {hint}"
+        )
+
+
+def _at_most(value: Any, bound: Any, key: str, why: str) -> None:
+    _require(value is None or value <= bound, key, f"at most {bound} ({why})", value)
+
+
+def check_training_fits(c: TrainConfig) -> None:
+    """The model and a step's activations in memory: a lower bound (the vocabulary is not known yet)."""
+    m, d = c.model, c.data
+    for key, value in (("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers)):
+        _at_most(value, SIZE_MAX, key, "a tensor dimension")
+    for key, value in (("data.batch_size", d.batch_size), ("data.bptt", d.bptt)):
+        _at_most(value, SIZE_MAX, key, "a tensor dimension")
+    weights = 4 * m.num_layers * (8 * m.hidden_size**2 + 8 * m.hidden_size)  # fp32 LSTM weights, embeddings left out
+    fits_memory(
+        3 * weights,
+        "model.hidden_size",
+        m.hidden_size,
+        "the LSTM's weights and gradients",
+        "lower model.hidden_size or model.num_layers",
+    )
+    activations = (
+        4 * 16 * d.batch_size * d.bptt * m.num_layers * m.hidden_size
+    )  # about 16 fp32 values per unit and step kept for the backward
+    fits_memory(
+        activations,
+        "data.batch_size",
+        d.batch_size,
+        f"one step's activations (with data.bptt={d.bptt})",
+        "lower data.batch_size or data.bptt",
+    )
+
+
+def _check_train_bounds(c: TrainConfig) -> None:
+    o, t = c.optim, c.trainer
+    _at_most(o.lr, FLOAT_MAX, "optim.lr", "the largest fp32")
+    _at_most(o.max_grad_norm, FLOAT_MAX, "optim.max_grad_norm", "the largest fp32")
+    _at_most(o.decay_start_epoch, COUNT_MAX, "optim.decay_start_epoch", "an int64")
+    _at_most(t.epochs, COUNT_MAX, "trainer.epochs", "an int64")
+    _at_most(t.max_steps, COUNT_MAX, "trainer.max_steps", "an int64")
+    _at_most(t.log_every, COUNT_MAX, "trainer.log_every", "an int64")
+    _at_most(t.eval_window, COUNT_MAX, "trainer.eval_window", "an int64")
+    _at_most(t.seed, SEED_MAX, "trainer.seed", "torch's seeds are unsigned 64-bit")
+    _at_most(t.threads, machine_cores(), "trainer.threads", "the cores of this machine")
+    check_training_fits(c)
+
+
 def validate(cfg: DictConfig | dict) -> TrainConfig:
     """Typed, range-checked training config; raises ``ConfigError``."""
     c: TrainConfig = to_typed(cfg, TrainConfig)
@@ -312,7 +399,8 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     _require(t.nonfinite in ("stop", "skip"), "trainer.nonfinite", "stop or skip", t.nonfinite)
     _require(t.precision in PRECISIONS, "trainer.precision", f"one of {PRECISIONS}", t.precision)
     for key in t.allow_changes:
-        _require(key in RESUME_KEYS, "trainer.allow_changes", f"a list of keys among {', '.join(RESUME_KEYS)}", key)
+        _require(key in ALLOWED_CHANGES, "trainer.allow_changes", f"a list of keys among {', '.join(ALLOWED_CHANGES)}", key)
+    _check_train_bounds(c)
     return c
 
 
@@ -327,7 +415,22 @@ def validate_eval(cfg: DictConfig | dict) -> EvalConfig:
     _require(mc is None or mc >= 1, "eval.mc_samples", "null or a positive integer", mc)
     _require(c.threads >= 0, "threads", "0 (all cores) or a positive integer", c.threads)
     _require(c.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto", c.device)
+    for key in ("batch_size", "bptt"):
+        _at_most(getattr(c, key), SIZE_MAX, key, "a tensor dimension")
+    _at_most(c.eval_window, COUNT_MAX, "eval_window", "an int64")
+    _at_most(mc, SIZE_MAX, "eval.mc_samples", "a tensor dimension: the samples run side by side")
+    _at_most(c.eval.mc_seed, SEED_MAX, "eval.mc_seed", "torch's seeds are unsigned 64-bit")
+    _require(c.eval.mc_seed >= 0, "eval.mc_seed", "a non-negative integer", c.eval.mc_seed)
+    _at_most(c.threads, machine_cores(), "threads", "the cores of this machine")
     return c
+
+
+def check_mc_fits(samples: int, batch_size: int, bptt: int, eval_window: int, vocab: int, hidden: int, layers: int) -> None:
+    """Monte Carlo dropout runs its samples side by side (lm.engine.evaluation): refuse, before any
+    evaluation, a number of samples whose logits and states cannot fit in this machine's memory."""
+    rows_by_window = max(samples * batch_size * bptt, samples * eval_window)
+    needed = 4 * rows_by_window * (3 * vocab + 16 * hidden * layers)
+    fits_memory(needed, "eval.mc_samples", samples, "the samples' logits side by side", "lower eval.mc_samples")
 
 
 def validate_generate(cfg: DictConfig | dict) -> GenerateConfig:
@@ -338,6 +441,9 @@ def validate_generate(cfg: DictConfig | dict) -> GenerateConfig:
     _require(c.top_k is None or c.top_k >= 1, "top_k", "null or a positive integer", c.top_k)
     _require(c.seed >= 0, "seed", "a non-negative integer", c.seed)
     _require(c.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto", c.device)
+    _at_most(c.words, WORDS_MAX, "words", "each is kept in memory until printed")
+    _at_most(c.top_k, SIZE_MAX, "top_k", "a tensor dimension")
+    _at_most(c.seed, SEED_MAX, "seed", "an unsigned 64-bit seed")
     return c
 
 

@@ -51,7 +51,7 @@ def sample(
     logits, state = model(torch.tensor([prompt_ids], device=device), state)
     out: list[int] = []
     for _ in range(words):
-        scores = logits[0, -1].float() / temperature
+        scores = scaled_scores(logits[0, -1], temperature)
         if top_k is not None and top_k < scores.numel():
             threshold = torch.topk(scores, top_k).values[-1]
             scores = scores.masked_fill(scores < threshold, float("-inf"))
@@ -59,6 +59,19 @@ def sample(
         out.append(int(next_id))
         logits, state = model(next_id.view(1, 1), state)
     return out
+
+
+def scaled_scores(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, whose softmax is the distribution to draw from.
+
+    As the temperature goes to 0 that quotient overflows to inf and its softmax is NaN (at 1e-40
+    the draw always returned the last word of the vocabulary). Then the scores are shifted so that
+    the largest is 0 and divided in fp64: every other word's score goes to -inf and the softmax to
+    the most likely word (greedy), the limit it tends to. Where the quotient is finite it is used
+    as it is, so that a seed gives the words it always gave."""
+    scores = logits.float() / temperature
+    shifted = ((logits.double() - logits.double().max()) / temperature).float()
+    return torch.where(torch.isfinite(scores).all(), scores, shifted)  # chosen on the device: no host sync
 
 
 def draw(probs: torch.Tensor, u: float) -> torch.Tensor:

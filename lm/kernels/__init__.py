@@ -67,10 +67,15 @@ def build_name() -> str:
     return "lm_fused_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+_unavailable: list[str] = []  # why fused() returned None in this process, once it has
+
+
 @functools.cache
 def fused() -> ModuleType | None:
     """The compiled kernels, or None (one warning, once per process) where they cannot be built."""
+    _unavailable.clear()
     if os.environ.get(DISABLE_ENV, "1") == "0":
+        _unavailable.append(f"{DISABLE_ENV}=0")
         return None
     try:
         import torch.utils.cpp_extension as cpp_extension  # heavy (setuptools); only needed to build
@@ -95,6 +100,7 @@ def fused() -> ModuleType | None:
     except Exception as err:  # no compiler, no headers, a failed build: all mean the same to the caller
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("fused CPU kernels unavailable (%s); training runs the slower pure-PyTorch path", reason[:200])
+        _unavailable.append(reason[:200])
         return None
 
 
@@ -119,3 +125,18 @@ def build_root() -> Path:
 def available(device: torch.device | str) -> bool:
     """Whether the fused kernels run for tensors on ``device`` (CPU only)."""
     return torch.device(device).type == "cpu" and fused() is not None
+
+
+FUSED, PYTORCH = "fused", "pytorch"
+
+
+def path(device: torch.device | str) -> str:
+    """Which kernels train on ``device``: ``fused`` (this module's) or ``pytorch``. Recorded with every
+    run: the two draw other dropout masks, so the same seed and config give other numbers on each."""
+    return FUSED if available(device) else PYTORCH
+
+
+def why_not_fused() -> str | None:
+    """Why the fused kernels are not used in this process (``LM_FUSED=0``, a failed build), if they are not."""
+    fused()
+    return _unavailable[0] if _unavailable else None

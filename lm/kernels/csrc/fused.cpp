@@ -385,7 +385,7 @@ double nll_rows(scalar_t* logits, const int64_t* targets, int64_t N, int64_t V) 
 }
 
 // h [N, K] and weight [V, K] in the product dtype, bias [V] fp32, targets [N] int64.
-// Returns the summed NLL (fp32 scalar, accumulated in fp64) and d NLL / d logits [N, V].
+// Returns the summed NLL (fp32 scalar, accumulated in fp64; inf beyond fp32's range) and d NLL / d logits [N, V].
 std::vector<at::Tensor> linear_nll_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                                            const at::Tensor& targets) {
   check(h.device().is_cpu(), "CPU tensors only");
@@ -403,7 +403,11 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& h, const at::Tensor
     total = nll_rows<bf16_bits>(data<bf16_bits>(logits), yp, N, V);
   else
     total = nll_rows<float>(logits.data_ptr<float>(), yp, N, V);
-  return {at::scalar_tensor(total, h.options().dtype(at::kFloat)), logits};
+  // Rounded to fp32 here, where a sum beyond fp32's range becomes inf (a NaN stays NaN): the non-finite
+  // loss the trainer checks for, as F.cross_entropy gives it. at::scalar_tensor would refuse the double
+  // ("value cannot be converted to type float without overflow") and end the run with a traceback.
+  const float loss = static_cast<float>(total);
+  return {at::scalar_tensor(loss, h.options().dtype(at::kFloat)), logits};
 }
 
 // ---------------------------------------------------------------- dropout
