@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm.infra.cli import ArgumentParser, check_output_folder, guarded
+from lm.infra.cli import ArgumentParser, guarded
 from lm.infra.errors import DataError
 from lm.reporting.publish import local_report, write_report
 
@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m lm.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder searched for metrics.json (default: results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve plots")
-    parser.add_argument("--readme", default="README.md", help="README whose marked results block is refreshed (if it has one)")
+    parser.add_argument(
+        "--readme",
+        default="README.md",
+        help="README whose marked results block is refreshed (if it has one), from the results/ folder beside it only",
+    )
     parser.add_argument(
         "--with-runs",
         metavar="DIR",
@@ -35,7 +39,6 @@ def main(argv: list[str] | None = None) -> None:
         results = Path(args.results)
         if results.exists() and not results.is_dir():
             raise DataError(f"--results: {results} is a file, not a folder of runs")
-        check_output_folder(results, "--results")
         text = write_report(results, plots=not args.no_plots, readme=Path(args.readme))
         if args.with_runs and Path(args.with_runs).is_dir():
             text = local_report(results, Path(args.with_runs))

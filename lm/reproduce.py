@@ -23,11 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from lm.config import compose, validate
 from lm.infra.checkpoint import RunFolderLock
-from lm.infra.cli import ArgumentParser, check_output_folder, guarded, positive_int
+from lm.infra.cli import ArgumentParser, check_output_folder, guarded, positive_int, quote_paths
 from lm.infra.errors import UsageError
 from lm.infra.faults import TrainingInterrupted
-from lm.reporting.publish import write_report
+from lm.reporting.publish import claim_report, write_report
 
 PARTS = ("small", "medium", "large", "gal")
 # The paper's model averages per experiment (Table 1), capped by the models trained.
@@ -277,6 +281,7 @@ def reproduce(
     """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed. One
     command at a time per ``root`` (a second one is refused in one line)."""
     check_output_folder(root, "--root")
+    claim_report(root)  # the table it ends with replaces no README.md or plot that the report did not write
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"--data-dir: {data_dir} is not a folder: give the corpus folder (for PTB, the one with ptb.train.txt)")
     if dry_run:
@@ -314,6 +319,19 @@ def _run_plan(root: Path, steps: list[Step], jobs: int) -> int:
     return 0
 
 
+def check_train_args(parts: list[str], extra: list[str], data_dir: str | None) -> None:
+    """Each training's config composed and checked with the --train-arg overrides before the first
+    step (a bad one would otherwise surface only in a step's log)."""
+    experiments = {"small": "zaremba_small", "medium": "zaremba_medium", "large": "zaremba_large", "gal": "gal_medium"}
+    data = [f"data.dir={data_dir}"] if data_dir else []
+    for part in parts:
+        try:
+            cfg = compose("train", quote_paths([f"experiment={experiments[part]}", *extra, *data]), return_hydra_config=True)
+            validate({key: cfg[key] for key in cfg if key != "hydra"})
+        except (ValueError, HydraException, OmegaConfBaseException) as err:
+            raise UsageError(f"--train-arg: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m lm.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/table1", help="folder of every run, average and evaluation (default runs/table1)")
@@ -345,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise UsageError(
                     f"--train-arg {arg!r}: give KEY=VALUE, a key other than {', '.join(SET_HERE)} (this command sets them)"
                 )
+        check_train_args(args.parts, args.train_arg, args.data_dir)
         code = reproduce(
             Path(args.root),
             args.parts,

@@ -144,6 +144,10 @@ def _more_world(root: Path, good: Path, run: Path) -> dict:
     (short_test / "test.txt").write_text("the cat\n")  # 3 tokens: too short for 4 streams
     sweep_job = root / "sweep-1" / "trainer.seed=1,model.dropout=0.3"  # a job folder of an older sweep
     shutil.copytree(run, sweep_job)
+    other_weights = torch.load(sweep_job / "checkpoint.pt", weights_only=True)  # another model: an ensemble refuses a copy
+    other_weights.pop("format_version")
+    next(iter(other_weights["model"].values())).add_(0.01)
+    save_checkpoint(sweep_job / "checkpoint.pt", other_weights)
     spaced = root / "my runs" / "run 1"
     shutil.copytree(run, spaced)
 
@@ -533,9 +537,9 @@ def _fail_on(monkeypatch, target, attr: str, err: OSError) -> None:
     ],
 )
 def test_os_errors_while_writing_are_one_line(case, error, message, world, tmp_path, monkeypatch, capsys):
-    import lm.infra.checkpoint
+    import lm.infra.outputs
 
-    _fail_on(monkeypatch, lm.infra.checkpoint.tempfile, "mkstemp", error)
+    _fail_on(monkeypatch, lm.infra.outputs.tempfile, "mkstemp", error)
     code, err = run_cli(
         train_module._hydra_entry,
         [*tiny_overrides(world["good"], "trainer.max_steps=1"), f"hydra.run.dir={tmp_path / 'run'}"],
@@ -796,7 +800,7 @@ REPORT_CASES = [
     (
         "foreign-metrics-in-results",
         lambda w, t: ["--results", str(w["foreign"]), "--no-plots", "--readme", str(t / "none.md")],
-        "is not a metrics.json written by this project (no valid 'name')",
+        "is not a metrics.json written by this project (no valid 'name': missing)",
     ),
     (
         "broken-json-in-results",

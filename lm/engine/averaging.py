@@ -9,6 +9,8 @@ under both evaluation protocols. Writes ``DIR/ensemble.json`` and
 from __future__ import annotations
 
 import glob
+import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ from lm.config import TrainConfig, validate_saved
 from lm.data.batching import batchify
 from lm.engine.evaluation import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
 from lm.engine.runtime import build_model_from_checkpoint, check_vocab, load_user_data, provenance, select_device
-from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from lm.infra.cli import check_output_folder
+from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from lm.infra.outputs import Output, atomic_write_json, atomic_write_text, check_output_folder, claim, json_of, text_starting
+from lm.infra.schema import ENSEMBLE
 
 ENSEMBLE_NAME = "ensemble.json"
+LOG_NAME = "ensemble.log"
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -39,10 +43,42 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_duplicates(checkpoints: list[Path]) -> None:
+    """Refuse a checkpoint given twice: by its path (links and folders included) or by its content (a
+    copy), since an average of a model with itself is reported as two models."""
+    seen: dict[str, Path] = {}
+    for path in checkpoints:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise CheckpointError(f"{path} is {seen[real]} again: an average needs distinct models, give each checkpoint once")
+        seen[real] = path
+    by_size: dict[int, list[Path]] = {}
+    for path in (p for p in checkpoints if p.is_file()):
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    for paths in (group for group in by_size.values() if len(group) > 1):  # only files of one size can be copies
+        digests: dict[str, Path] = {}
+        for path in paths:
+            digest = _digest(path)
+            if digest in digests:
+                raise CheckpointError(
+                    f"{path} holds the same model as {digests[digest]} (a copy, byte for byte): an average needs distinct models"
+                )
+            digests[digest] = path
+
+
 def load_members(checkpoints: list[Path]) -> tuple[list[dict[str, Any]], list[TrainConfig]]:
-    """The checkpoints and their configs; refuses fewer than 2, or members of different corpora."""
+    """The checkpoints and their configs; refuses fewer than 2, one given twice, or members of different corpora."""
     if len(checkpoints) < 2:
         raise CheckpointError("model averaging needs at least 2 checkpoints")
+    refuse_duplicates(checkpoints)
     ckpts = [load_checkpoint(p) for p in checkpoints]
     cfgs = [validate_saved(c["config"]) for c in ckpts]
     first = cfgs[0]
@@ -69,6 +105,15 @@ def run_ensemble(
     comes from ``data_dir`` (for PTB by default ``$LM_DATA_DIR`` or data/ptb), never from the
     checkpoints' saved config."""
     check_output_folder(out_dir, "--out")
+    claim(
+        [
+            Output(out_dir / ENSEMBLE_NAME, "--out", "an ensemble.json written by lm.ensemble", json_of(ENSEMBLE)),
+            Output(
+                out_dir / LOG_NAME, "--out", "an ensemble.log written by lm.ensemble", text_starting("member ", "average of ")
+            ),
+        ],
+        {path: "a checkpoint it averages" for path in checkpoints},
+    )
     device = select_device(str(device), "--device")
     ckpts, cfgs = load_members(checkpoints)
     first = cfgs[0]
@@ -117,6 +162,6 @@ def run_ensemble(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / ENSEMBLE_NAME, report)
-    atomic_write_text(out_dir / "ensemble.log", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / LOG_NAME, "\n".join(lines) + "\n")
     print(f"wrote {out_dir / ENSEMBLE_NAME}")
     return report

@@ -15,6 +15,7 @@ import torch
 
 from lm.engine.evaluation import evaluate, perplexity
 from lm.engine.run import Run
+from lm.engine.run_folder import RUN_FILES, TB_NAME, record_run_files, run_files
 from lm.engine.step import EpochLoop, EpochProgress, learning_rate, train_epoch
 from lm.infra.faults import NonFiniteError, StopRequest, TrainingInterrupted, fault_point, interrupt
 from lm.model.language_model import count_parameters
@@ -70,10 +71,21 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
 
 
 def _open_writer(run: Run) -> Any:
-    """TensorBoard's writer into ``<run>/tb`` on rank 0; a stand-in that drops everything elsewhere."""
+    """TensorBoard's writer into ``<run>/tb`` on rank 0 (a stand-in that drops everything elsewhere),
+    and the run's manifest: the files this run writes in its folder, its new event file included."""
     from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf): only a training run needs it
 
-    return SummaryWriter(log_dir=str(run.out_dir / "tb")) if run.group.is_main else _NullWriter()
+    if not run.group.is_main:
+        return _NullWriter()
+    tb = run.out_dir / TB_NAME
+    before = set(tb.iterdir()) if tb.is_dir() else set()
+    writer = SummaryWriter(log_dir=str(tb))
+    writer.flush()  # the event file exists from here on
+    new = sorted(p for p in tb.iterdir() if p not in before)
+    earlier = run_files(run.out_dir) if run.resumed_here else []  # a run from before manifests: its own files
+    names = [*RUN_FILES, *(p.relative_to(run.out_dir).as_posix() for p in [*earlier, *new])]
+    record_run_files(run.out_dir, [name for name in dict.fromkeys(names) if name != "manifest.json"])
+    return writer
 
 
 class _NullWriter:
@@ -160,6 +172,7 @@ def _finish_epoch(run: Run, epoch: int, progress: EpochProgress, writer: Any) ->
         "seconds": progress.seconds,
         "eval_seconds": time.perf_counter() - eval_start,
         "steps": progress.steps,
+        "windows": len(run.windows),  # of the epoch: a whole epoch trained every one (metrics.json's completed)
         "skipped_steps": progress.skipped,
         "grad_norm": progress.grad_norm,
     }

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lm.config import validate_eval, validate_saved
+from lm.config import ConfigError, check_mc_fits, validate_eval, validate_saved
 from lm.data.batching import batchify, bptt_windows
+from lm.data.corpora import layout_in
 from lm.data.corpus import Corpus
 from lm.engine.runtime import build_model_from_checkpoint, fp32_products, load_user_data, provenance, select_device
-from lm.infra.checkpoint import atomic_write_json, load_checkpoint
-from lm.infra.cli import check_output_file
+from lm.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from lm.infra.outputs import Output, atomic_write_json, claim, json_of
+from lm.infra.schema import EVAL
 from lm.model.language_model import LSTMLanguageModel
 
 log = logging.getLogger(__name__)
@@ -176,9 +178,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     ecfg = validate_eval(cfg)
     ckpt_path = Path(ecfg.checkpoint)
     if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "checkpoint.pt"
+        ckpt_path = ckpt_path / CHECKPOINT_NAME
     output = Path(ecfg.output) if ecfg.output else ckpt_path.with_name("eval.json")
-    check_output_file(output, "output")
+    inputs = {ckpt_path: "the checkpoint it evaluates"}
+    if ecfg.data_dir is not None and Path(ecfg.data_dir).is_dir():
+        folder = Path(ecfg.data_dir)
+        inputs.update({file: "a file of the corpus it reads" for file in layout_in(folder).files(folder).values()})
+    claim([Output(output, "output", "an eval.json written by lm.evaluate", json_of(EVAL))], inputs, ConfigError)
     ckpt = load_checkpoint(ckpt_path)
     train_cfg = validate_saved(ckpt["config"])
     device = select_device(ecfg.device, "device")
@@ -192,6 +198,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     eval_window = ecfg.eval_window or train_cfg.trainer.eval_window
     for split in ("valid", "test"):  # before the work: a split too short for the batch size
         batchify(corpus.split(split), batch_size)
+    if ecfg.eval.mc_samples:  # before the work too: samples side by side that cannot fit in memory
+        m = train_cfg.model
+        check_mc_fits(ecfg.eval.mc_samples, batch_size, bptt, eval_window, len(corpus.vocab), m.hidden_size, m.num_layers)
     with fp32_products(train_cfg.trainer.tf32):  # on a GPU, the products the run was trained and validated with
         start = time.perf_counter()
         results = evaluate_all(model, corpus, batch_size, bptt, eval_window)

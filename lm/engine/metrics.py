@@ -59,7 +59,8 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "epochs": history,
         "steps": run.step,
         # every step of every epoch trained (a trainer.max_steps run continued later is not)
-        "completed": len(history) == run.cfg.trainer.epochs and all(e["steps"] == len(run.windows) for e in history),
+        "completed": len(history) == run.cfg.trainer.epochs
+        and all(e["steps"] == e.get("windows", len(run.windows)) for e in history),
         "skipped_steps": sum(e.get("skipped_steps", 0) for e in history),
         "train_seconds": sum(e["seconds"] for e in history),
         "wall_seconds": run.wall_seconds(),  # summed over resumes
@@ -71,6 +72,7 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         "overrides": run.overrides,
         **provenance(run.device),
         "precision": precision_record(run.device, run.cfg.trainer.precision, run.cfg.trainer.tf32),
+        "kernels": run.kernels,  # fused or pytorch (lm.kernels.path): the same seed gives other numbers on each
         "processes": run.group.world_size,
         "platform": platform.platform(),
     }

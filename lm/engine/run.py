@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from lm import kernels
 from lm.config import ConfigError, DataConfig, TrainConfig, ignored_overrides
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpus import Corpus
@@ -56,6 +58,8 @@ class Run:
     wall_before: float = 0.0  # wall time of this run's earlier processes (resumes)
     sessions: int = 1  # processes this run has taken, this one included
     changes: list[dict[str, Any]] = field(default_factory=list)  # keys changed on resume (trainer.allow_changes)
+    kernels: str = kernels.FUSED  # which kernels train it (lm.kernels.path): their dropout masks differ
+    resumed_here: bool = False  # continued from this folder's own checkpoint (its earlier files are the run's)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -78,6 +82,7 @@ class Run:
             "vocab": self.corpus.vocab.itos,
             "vocab_sha256": vocab_digest(self.corpus.vocab.itos),
             "changes": self.changes,
+            "kernels": self.kernels,
             "epoch": self.epochs_done,
             "step": self.step,
             "history": self.history,
@@ -156,6 +161,14 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    kernel_path = kernels.path(device)
+    if kernel_path == kernels.PYTORCH and device.type == "cpu" and group.is_main:
+        print(
+            f"warning: training on PyTorch's kernels, not the fused CPU kernels ({kernels.why_not_fused()}): they draw other "
+            f"dropout masks, so this seed gives other numbers than a run on the fused kernels (metrics.json records "
+            f'"kernels": "{kernel_path}")',
+            file=sys.stderr,
+        )
     step_options = StepOptions(
         max_grad_norm=cfg.optim.max_grad_norm,
         weight_decay=cfg.optim.weight_decay,
@@ -165,9 +178,11 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     )
     if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
         clear_run_folder(out_dir)
-    return Run(
+    run = Run(
         cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, step_options, config_dict
     )
+    run.kernels = kernel_path
+    return run
 
 
 def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lm import kernels
 from lm.config import ConfigError, TrainConfig, check_group_choices, validate
 from lm.data.corpora import corpus_layout
 from lm.engine.distributed import launch_rank
@@ -28,8 +29,8 @@ from lm.engine.run import Run, prepare_run
 from lm.engine.run_folder import METRICS_NAME, claim_run_folder
 from lm.engine.runtime import fp32_products, select_device
 from lm.infra.checkpoint import RESUME_REQUIRED, RunFolderLock, load_checkpoint
-from lm.infra.cli import check_output_folder
 from lm.infra.faults import StopRequest
+from lm.infra.outputs import check_output_folder
 
 log = logging.getLogger("lm.train")  # one logger for the whole training run (its train.log)
 
@@ -87,7 +88,7 @@ def preflight(cfg: DictConfig) -> None:
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c = validate(job_cfg)
     check_group_choices(list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
-    select_device(c.trainer.device)  # cuda without a GPU
+    device = select_device(c.trainer.device)  # cuda without a GPU
     corpus_layout(c.data.name)  # a corpus this project knows
     run_dir = Path(cfg.hydra.run.dir)
     check_output_folder(run_dir, "hydra.run.dir", ConfigError)
@@ -95,4 +96,4 @@ def preflight(cfg: DictConfig) -> None:
         RunFolderLock.check_free(run_dir)
     resume_from = claim_run_folder(run_dir, c.trainer)
     if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
-        check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from)
+        check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from, kernels.path(device))

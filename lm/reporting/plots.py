@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm.infra.checkpoint import atomic_write
+from lm.infra.outputs import atomic_write, png_of_size
 from lm.reporting.paper import PAPER_TABLE_1
 from lm.reporting.results import ResultFile, paper_experiment
 
 CURVE_NAME = "curve.png"
+DPI = 100
+CURVE_SIZE = (6, 4)  # inches: a curve.png is 600 x 400 pixels, which is how the report knows one of its own
+# Whether a file is a plot these functions drew (at ``size`` inches): a PNG of that many pixels.
+drawn_at = lambda size: png_of_size(size[0] * DPI, size[1] * DPI)  # noqa: E731
 
 
 def new_figure(figsize: tuple[float, float]):
@@ -18,7 +22,7 @@ def new_figure(figsize: tuple[float, float]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=figsize, dpi=100)
+    return plt.subplots(figsize=figsize, dpi=DPI)
 
 
 def save_epoch_plot(fig, ax, title: str, ylabel: str, out: Path) -> None:
@@ -39,7 +43,7 @@ def save_epoch_plot(fig, ax, title: str, ylabel: str, out: Path) -> None:
 def plot_curve(run: ResultFile, out: Path) -> None:
     epochs = run.metrics["epochs"]
     xs = [e["epoch"] for e in epochs]
-    fig, ax = new_figure((6, 4))
+    fig, ax = new_figure(CURVE_SIZE)
     ax.plot(xs, [e["train_ppl"] for e in epochs], marker="o", label="train")
     ax.plot(xs, [e["valid_ppl"] for e in epochs], marker="o", label="valid")
     paper = PAPER_TABLE_1.get(paper_experiment(run) or "")

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm.infra.checkpoint import atomic_write_text
+from lm.infra.outputs import Output, atomic_write_text, check_output_folder, claim, same_path, text_with
 from lm.reporting.config_keys import config_keys_table
-from lm.reporting.plots import CURVE_NAME, plot_curve
+from lm.reporting.plots import CURVE_NAME, CURVE_SIZE, drawn_at, plot_curve
 from lm.reporting.results import ResultFile, find_runs
-from lm.reporting.tables import averages_not_run, comparison_table, ensemble_table, other_recipes_table, render, runs_table
+from lm.reporting.tables import (
+    GENERATED_MARK,
+    averages_not_run,
+    comparison_table,
+    ensemble_table,
+    other_recipes_table,
+    render,
+    runs_table,
+)
+
+README_NAME = "README.md"
 
 START, END = "<!-- results:start (make table) -->", "<!-- results:end -->"
 CONFIG_KEYS_START, CONFIG_KEYS_END = "<!-- config-keys:start (make table) -->", "<!-- config-keys:end -->"
@@ -30,11 +40,51 @@ def update_readme_block(readme: Path, block: str, start: str = START, end: str =
     return True
 
 
+def readme_block_source(readme: Path) -> Path:
+    """The one folder a README's results block is written from: the ``results/`` beside it (``make table``)."""
+    return readme.resolve().parent / "results"
+
+
+def report_outputs(root: Path, runs: list[ResultFile], plots: bool = True) -> list[Output]:
+    """What the report writes under ``root``: README.md, and each run's curve.png."""
+    outputs = [
+        Output(
+            root / README_NAME,
+            "--results",
+            f"a README.md that lm.report generated ({GENERATED_MARK!r})",
+            text_with(GENERATED_MARK),
+        )
+    ]
+    if plots:
+        outputs += [
+            Output(root / r.path / CURVE_NAME, "--results", "a curve.png that lm.report drew", drawn_at(CURVE_SIZE)) for r in runs
+        ]
+    return outputs
+
+
+def claim_report(root: Path, plots: bool = True) -> None:
+    """Before any work (``lm.reproduce`` calls it before its first step): refuse a results folder whose
+    README.md or a run's curve.png is not one that the report wrote."""
+    check_output_folder(root, "--results")
+    claim(report_outputs(root, find_runs(root) if root.is_dir() else [], plots))
+
+
 def local_report(root: Path, local: Path) -> str:
     """The committed runs under ``root`` as ``results/README.md`` has them, then the user's own under
     ``local`` in tables of their own: a local run never enters a committed mean (a newcomer's
     ``make train-small`` is seed 1 again). Writes only the local runs' plots."""
     local_runs = [ResultFile(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
+    claim(
+        [
+            Output(
+                local / r.path.relative_to(local.name) / CURVE_NAME,
+                "--with-runs",
+                "a curve.png that lm.report drew",
+                drawn_at(CURVE_SIZE),
+            )
+            for r in local_runs
+        ]
+    )
     for r in local_runs:
         plot_curve(r, local / r.path.relative_to(local.name) / CURVE_NAME)
     text = render(find_runs(root), find_runs(root, "ensemble.json"), find_runs(root, "eval.json"))
@@ -54,20 +104,25 @@ def local_report(root: Path, local: Path) -> str:
 
 
 def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> str:
+    """``root``/README.md (and each run's curve.png with ``plots``); the marked blocks of ``readme``
+    too, but only when ``root`` is the results/ folder beside it (``make table``): another folder's
+    runs never replace the committed headline. Refused, before anything is written, where
+    a file it would replace is not one it wrote (``report_outputs``)."""
     runs = find_runs(root)
     ensembles = find_runs(root, "ensemble.json")
     text = render(runs, ensembles, find_runs(root, "eval.json"))
+    claim(report_outputs(root, runs, plots))
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "README.md", text)
-    if readme is not None and runs:
-        block = comparison_table(runs, every_paper_row=True)
-        if ensembles:
-            block += "\n\n" + ensemble_table(ensembles)
-        missing = averages_not_run(ensembles)
-        if missing:
-            block += "\n\n" + missing
-        update_readme_block(readme, block)
-    if readme is not None:
+    atomic_write_text(root / README_NAME, text)
+    if readme is not None and same_path(readme_block_source(readme), root):  # make table: the README's own results/
+        if runs:
+            block = comparison_table(runs, every_paper_row=True)
+            if ensembles:
+                block += "\n\n" + ensemble_table(ensembles)
+            missing = averages_not_run(ensembles)
+            if missing:
+                block += "\n\n" + missing
+            update_readme_block(readme, block)
         update_readme_block(readme, config_keys_table(), CONFIG_KEYS_START, CONFIG_KEYS_END)
     if plots:
         for r in runs:

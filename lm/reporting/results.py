@@ -4,14 +4,16 @@ checked to hold what the tables read, and the paper experiment whose recipe a ru
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf.errors import OmegaConfBaseException
+
 from lm.config import ConfigError, compose, recipe, validate, validate_saved
 from lm.infra.errors import DataError
+from lm.infra.schema import SCHEMAS, SchemaError, read_json
 from lm.reporting.paper import REFERENCE_ROWS
 
 
@@ -32,7 +34,7 @@ class ResultFile:
         None if that config no longer validates."""
         try:
             return recipe(validate_saved(self.metrics["config"]))
-        except ConfigError:
+        except (ConfigError, OmegaConfBaseException):
             return None
 
 
@@ -56,44 +58,14 @@ def recipe_difference(run: ResultFile, experiment: str) -> str:
     return ", ".join(f"{k} {run.recipe.get(k, '-')} (recipe: {ref.get(k, '-')})" for k in keys if run.recipe.get(k) != ref.get(k))
 
 
-# The fields the tables read, per file: a file without them was not written by lm.train / lm.ensemble.
-REQUIRED_FIELDS = {
-    "metrics.json": {
-        "name": str,
-        "seed": int,
-        "config": dict,
-        "epochs": list,
-        "steps": int,
-        "valid_ppl": float,
-        "test_ppl": float,
-        "eval": dict,
-        "train_seconds": float,
-        "device": str,
-    },
-    "ensemble.json": {"name": str, "n_models": int, "checkpoints": list, "valid_ppl": float, "test_ppl": float, "results": dict},
-    "eval.json": {"checkpoint": str, "results": dict},
-}
-
-
-def read_run_file(file: Path) -> dict[str, Any]:
-    """A metrics.json or ensemble.json, checked to hold what the tables read; ``DataError`` if not."""
+def read_run_file(file: Path, schema: Any = None) -> dict[str, Any]:
+    """A metrics.json, ensemble.json or eval.json, checked against its schema (``lm.infra.schema``:
+    every field the tables read, nested ones included; ``schema`` for a reader that reads more);
+    ``DataError`` naming the file and its first bad field if it does not match."""
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(
-            f"{file} cannot be read as JSON ({str(err).splitlines()[0][:100]}): remove it or move it out of the folder"
-        ) from None
-    fields = REQUIRED_FIELDS.get(file.name, {})
-    bad = [
-        k
-        for k, kind in fields.items()
-        if not isinstance(data, dict) or not isinstance(data.get(k), (int, float) if kind is float else kind)
-    ]
-    if bad:
-        raise DataError(
-            f"{file} is not a {file.name} written by this project (no valid {bad[0]!r}): remove it or move it out of the folder"
-        )
-    return data
+        return read_json(file, schema if schema is not None else SCHEMAS.get(file.name, dict))
+    except SchemaError as err:
+        raise DataError(f"{err}: remove it or move it out of the folder") from None
 
 
 def find_runs(root: Path, filename: str = "metrics.json", skip_foreign: bool = False) -> list[ResultFile]:
