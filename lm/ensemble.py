@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lm.engine.averaging import expand, run_ensemble
-from lm.infra.cli import ArgumentParser, guarded, non_negative_int, positive_int
+from lm.infra.cli import ArgumentParser, guarded, positive_int, thread_count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--data-dir", help="the corpus folder (default for PTB: $LM_DATA_DIR, else data/ptb)")
     parser.add_argument("--no-members", action="store_true", help="skip evaluating each member alone")
-    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=thread_count, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run (auto: a GPU if visible)"
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lm.infra.cli import ArgumentParser, guarded
 from lm.infra.errors import DataError
-from lm.reporting.publish import local_report, write_report
+from lm.reporting.publish import make_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,10 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         results = Path(args.results)
         if results.exists() and not results.is_dir():
             raise DataError(f"--results: {results} is a file, not a folder of runs")
-        text = write_report(results, plots=not args.no_plots, readme=Path(args.readme))
-        if args.with_runs and Path(args.with_runs).is_dir():
-            text = local_report(results, Path(args.with_runs))
-        print(text)
+        local = Path(args.with_runs) if args.with_runs else None
+        print(make_table(results, plots=not args.no_plots, readme=Path(args.readme), local=local))
 
     guarded(body)
 

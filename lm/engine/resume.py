@@ -67,11 +67,15 @@ def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, path: Path, kernels:
         changed.append((KERNELS, saved_kernels, kernels))
     refused = [c for c in changed if c[0] not in cfg.trainer.allow_changes]
     if refused and refused[0][0] == KERNELS:
+        where = (
+            "LM_FUSED=0"
+            if saved_kernels == "pytorch"
+            else "a compiler, a writable $TORCH_EXTENSIONS_DIR or ~/.cache, LM_FUSED unset"
+        )
         raise CheckpointError(
-            f"the checkpoint being resumed ({path}) trained on the {saved_kernels} kernels, this run would train on the "
-            f"{kernels} ones, whose dropout masks differ: the run would not be the one it continues. Resume where the "
-            f"{saved_kernels} kernels run (for the fused ones: a writable $TORCH_EXTENSIONS_DIR or ~/.cache, and a compiler; "
-            f"LM_FUSED unset), or pass trainer.allow_changes=[{KERNELS}]"
+            f"{path} trained on the {saved_kernels} kernels, this run would train on the {kernels} ones, whose dropout "
+            f"masks differ, so it would not continue the same run: resume where the {saved_kernels} kernels run ({where}), "
+            f"or pass trainer.allow_changes=[{KERNELS}]"
         )
     if refused:
         key, before, after = refused[0]

@@ -161,14 +161,6 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-    kernel_path = kernels.path(device)
-    if kernel_path == kernels.PYTORCH and device.type == "cpu" and group.is_main:
-        print(
-            f"warning: training on PyTorch's kernels, not the fused CPU kernels ({kernels.why_not_fused()}): they draw other "
-            f"dropout masks, so this seed gives other numbers than a run on the fused kernels (metrics.json records "
-            f'"kernels": "{kernel_path}")',
-            file=sys.stderr,
-        )
     step_options = StepOptions(
         max_grad_norm=cfg.optim.max_grad_norm,
         weight_decay=cfg.optim.weight_decay,
@@ -181,8 +173,21 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     run = Run(
         cfg, out_dir, overrides, started, device, group, corpus, windows, valid_data, model, optimizer, step_options, config_dict
     )
-    run.kernels = kernel_path
+    run.kernels = kernels.path(device)
     return run
+
+
+def warn_if_unfused(run: Run) -> None:
+    """One line on stderr when a CPU run trains on PyTorch's kernels (``LM_FUSED=0``, or no build: no
+    compiler, an unwritable extension cache): the same seed then gives other numbers."""
+    if run.kernels == kernels.PYTORCH and run.device.type == "cpu" and run.group.is_main:
+        text = (
+            f"training on PyTorch's kernels, not the fused CPU kernels ({kernels.why_not_fused()}): they draw other "
+            f"dropout masks, so this seed gives other numbers than a run on the fused kernels (metrics.json records "
+            f'"kernels": "{run.kernels}")'
+        )
+        print(f"warning: {text}", file=sys.stderr)
+        log.info(text)  # and in the run's train.log
 
 
 def _set_up_processes(cfg: TrainConfig) -> tuple[torch.device, Group]:

@@ -25,7 +25,7 @@ from lm.engine.distributed import launch_rank
 from lm.engine.epochs import fit
 from lm.engine.metrics import evaluate_final, write_metrics
 from lm.engine.resume import check_resumable, resume
-from lm.engine.run import Run, prepare_run
+from lm.engine.run import Run, prepare_run, warn_if_unfused
 from lm.engine.run_folder import METRICS_NAME, claim_run_folder
 from lm.engine.runtime import fp32_products, select_device
 from lm.infra.checkpoint import RESUME_REQUIRED, RunFolderLock, load_checkpoint
@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overrides: list[str] | None = N
                 finished = _already_finished(run)
                 if finished is not None:
                     return finished
+            warn_if_unfused(run)
             fit(run, stop)
             results = evaluate_final(run, stop)
         finally:
@@ -96,4 +97,5 @@ def preflight(cfg: DictConfig) -> None:
         RunFolderLock.check_free(run_dir)
     resume_from = claim_run_folder(run_dir, c.trainer)
     if resume_from is not None:  # what can be checked without the corpus, before Hydra writes its log there
-        check_resumable(load_checkpoint(resume_from, required=RESUME_REQUIRED), c, resume_from, kernels.path(device))
+        ckpt = load_checkpoint(resume_from, required=RESUME_REQUIRED)
+        check_resumable(ckpt, c, resume_from, kernels.path(device, quiet=True) if launch_rank() == 0 else None)

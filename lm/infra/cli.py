@@ -43,7 +43,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lm.config import CONFIG_DIR, ConfigError, compose
+from lm.config import CONFIG_DIR, ConfigError, compose, machine_cores
 from lm.infra.checkpoint import CheckpointError, RunFolderError
 from lm.infra.errors import DataError, UsageError
 from lm.infra.faults import NonFiniteError, TrainingInterrupted, stop_now
@@ -206,7 +206,7 @@ def _run_sweep(hydra_main: Callable[[], None]) -> None:
         os.environ.pop(SWEEP_FAILURES_ENV, None)
         Path(path).unlink(missing_ok=True)
     if failed:
-        each = "; ".join(f"{f['job']} (exit {f['code']}: {f['error'][:160]})" for f in failed)
+        each = "; ".join(f"{f['job']} (exit {f['code']}: {f['error']})" for f in failed)
         print(f"error: {len(failed)} sweep job(s) failed: {each}", file=sys.stderr)
         raise SystemExit(failed[0]["code"])
 
@@ -325,3 +325,11 @@ def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "0 or a positive integer")
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: torch threads, 0 (torch's default) up to this machine's cores."""
+    value = non_negative_int(text)
+    if value > machine_cores():
+        raise argparse.ArgumentTypeError(f"must be at most {machine_cores()} (the cores of this machine), got {value}")
+    return value

@@ -5,8 +5,9 @@ Every reader of a results file (``lm.report``, ``lm.ablation``, the ensemble's m
 checks it here first, and every command that may replace such a file checks here that the file
 is one it wrote (``lm.infra.outputs``): a file that fails is named with its first bad field,
 never half-read. A spec is a type (``str``, ``int``, ``bool``, ``dict``, ``list``), ``NUMBER``,
-``None``, a tuple of specs (any of them), a one-element list (a list of such elements), or a dict
-of field -> spec (``Optional`` for a field older files may lack; other fields are allowed).
+``None``, a tuple of specs (any of them), a one-element list (a list of such elements;
+``NonEmpty`` for at least one), or a dict of field -> spec (``Optional`` for a field older files
+may lack; other fields are allowed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ NUMBER = "number"  # an int or a float (a bool is neither)
 @dataclass(frozen=True)
 class Optional:
     """A field that may be missing (files from before it was recorded); when present, it has ``spec``."""
+
+    spec: Any
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A list of at least one element of ``spec``."""
 
     spec: Any
 
@@ -83,7 +91,7 @@ ABLATION_RUN = {
         "optim": {"max_grad_norm": NUMBER},
         "trainer": {"epochs": int},
     },
-    "epochs": [{**_EPOCH, "lr": NUMBER, "words_per_s": NUMBER}],
+    "epochs": NonEmpty({**_EPOCH, "lr": NUMBER, "words_per_s": NUMBER}),
     "best_valid_ppl": NUMBER,
     "parameters": int,
 }
@@ -113,7 +121,8 @@ SCHEMAS = {"metrics.json": METRICS, "ensemble.json": ENSEMBLE, "eval.json": EVAL
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def _matches_type(value: Any, spec: Any) -> bool:
@@ -146,6 +155,10 @@ def problem(value: Any, spec: Any, where: str = "") -> str | None:
             if found:
                 return found
         return None
+    if isinstance(spec, NonEmpty):
+        if isinstance(value, list) and not value:
+            return f"no valid {where!r}: an empty list"
+        spec = [spec.spec]
     if isinstance(spec, list):
         if not isinstance(value, list):
             return _bad(where, value, "a list")

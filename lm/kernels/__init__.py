@@ -130,10 +130,18 @@ def available(device: torch.device | str) -> bool:
 FUSED, PYTORCH = "fused", "pytorch"
 
 
-def path(device: torch.device | str) -> str:
+def path(device: torch.device | str, quiet: bool = False) -> str:
     """Which kernels train on ``device``: ``fused`` (this module's) or ``pytorch``. Recorded with every
-    run: the two draw other dropout masks, so the same seed and config give other numbers on each."""
-    return FUSED if available(device) else PYTORCH
+    run: the two draw other dropout masks, so the same seed and config give other numbers on each.
+    ``quiet``: without the build's warning line (a check before the command's logging is set up;
+    the trainer says it later, with the reason, ``why_not_fused``)."""
+    if not quiet:
+        return FUSED if available(device) else PYTORCH
+    disabled, log.disabled = log.disabled, True
+    try:
+        return FUSED if available(device) else PYTORCH
+    finally:
+        log.disabled = disabled
 
 
 def why_not_fused() -> str | None:

@@ -69,22 +69,25 @@ def claim_report(root: Path, plots: bool = True) -> None:
     claim(report_outputs(root, find_runs(root) if root.is_dir() else [], plots))
 
 
-def local_report(root: Path, local: Path) -> str:
+def _local_runs(local: Path) -> list[ResultFile]:
+    """The user's runs under ``local`` (a damaged one left out with a warning), named from ``local``'s name."""
+    return [ResultFile(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
+
+
+def _local_plots(local: Path, local_runs: list[ResultFile]) -> list[Output]:
+    curve = "a curve.png that lm.report drew"
+    return [
+        Output(local / r.path.relative_to(local.name) / CURVE_NAME, "--with-runs", curve, drawn_at(CURVE_SIZE))
+        for r in local_runs
+    ]
+
+
+def local_report(root: Path, local: Path, local_runs: list[ResultFile] | None = None) -> str:
     """The committed runs under ``root`` as ``results/README.md`` has them, then the user's own under
     ``local`` in tables of their own: a local run never enters a committed mean (a newcomer's
     ``make train-small`` is seed 1 again). Writes only the local runs' plots."""
-    local_runs = [ResultFile(Path(local.name) / r.path, r.metrics) for r in find_runs(local, skip_foreign=True)]
-    claim(
-        [
-            Output(
-                local / r.path.relative_to(local.name) / CURVE_NAME,
-                "--with-runs",
-                "a curve.png that lm.report drew",
-                drawn_at(CURVE_SIZE),
-            )
-            for r in local_runs
-        ]
-    )
+    local_runs = _local_runs(local) if local_runs is None else local_runs
+    claim(_local_plots(local, local_runs))
     for r in local_runs:
         plot_curve(r, local / r.path.relative_to(local.name) / CURVE_NAME)
     text = render(find_runs(root), find_runs(root, "ensemble.json"), find_runs(root, "eval.json"))
@@ -128,3 +131,14 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
         for r in runs:
             plot_curve(r, root / r.path / CURVE_NAME)
     return text
+
+
+def make_table(root: Path, plots: bool = True, readme: Path | None = None, local: Path | None = None) -> str:
+    """``python -m lm.report`` (``make table``): ``write_report`` for ``root``, then the table with the
+    user's runs under ``local`` beside it (if that folder exists). Every file it would replace is
+    checked before the first is written."""
+    local_runs = _local_runs(local) if local is not None and local.is_dir() else None
+    if local_runs is not None:
+        claim(_local_plots(local, local_runs))
+    text = write_report(root, plots=plots, readme=readme)
+    return text if local_runs is None else local_report(root, local, local_runs)
