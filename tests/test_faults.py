@@ -290,10 +290,13 @@ def test_resume_auto_of_a_finished_run_changes_nothing(tiny_corpus, tmp_path):
 def test_overwrite_replaces_the_whole_run(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=3")), run)
-    (run / "eval.json").write_text("{}")
+    numbers = {"valid": {"batched": {"ppl": 9.0}}, "test": {"stream": {"ppl": 9.0}}}  # lm.evaluate's, of this run
+    (run / "eval.json").write_text(json.dumps({"checkpoint": str(run / "checkpoint.pt"), "results": numbers}))
+    (run / "notes.txt").write_text("mine\n")  # not the run's: it stays
     metrics = train(train_config(tiny_overrides(tiny_corpus, "trainer.max_steps=2", "trainer.overwrite=true")), run)
     assert metrics["steps"] == 2 and metrics["sessions"] == 1 and not (run / "eval.json").exists()
     assert len(list((run / "tb").iterdir())) == 1  # the old event file went with the old run
+    assert (run / "notes.txt").read_text() == "mine\n"
 
 
 def test_allowed_changes_are_recorded(tiny_corpus, tmp_path):
