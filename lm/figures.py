@@ -15,7 +15,7 @@ from pathlib import Path
 from lm.config import compose, validate
 from lm.data.corpus import load_corpus
 from lm.engine.runtime import load_data
-from lm.infra.cli import ArgumentParser, check_output_folder, guarded
+from lm.infra.cli import ArgumentParser, check_output_folder, guarded, positive_int, seed_int
 from lm.reporting.figures import RECIPE, SEED, TRAIN_STEPS, make_figures
 
 
@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data-dir", help="a corpus folder instead of PTB (e.g. a custom one with train.txt, valid.txt, test.txt)"
     )
-    parser.add_argument("--steps", type=int, default=TRAIN_STEPS, help=f"training windows of the model (default: {TRAIN_STEPS})")
-    parser.add_argument("--seed", type=int, default=SEED, help=f"seeds the model and every mask (default: {SEED})")
+    parser.add_argument(
+        "--steps", type=positive_int, default=TRAIN_STEPS, help=f"training windows of the model (default: {TRAIN_STEPS})"
+    )
+    parser.add_argument("--seed", type=seed_int, default=SEED, help=f"seeds the model and every mask (default: {SEED})")
     args = parser.parse_args(argv)
 
     def body() -> None:

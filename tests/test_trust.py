@@ -347,6 +347,37 @@ def test_reproduce_refuses_a_root_whose_readme_it_did_not_write(readme, w, tmp_p
     assert snapshot(tmp_path) == before
 
 
+FIGURES_CASES = [
+    (
+        "a-users-readme",
+        [("README.md", b"# my figures\n")],
+        [],
+        "README.md exists and is not a README.md that make figures generated",
+    ),
+    (
+        "a-users-picture",
+        [("placement.png", _png(800, 600))],
+        [],
+        "placement.png exists and is not a placement.png that make figures",
+    ),
+    ("seed-2^64", [], ["--seed", "18446744073709551616"], "--seed: must be at most 18446744073709551615"),
+]
+
+
+@pytest.mark.parametrize("case, files, extra, message", FIGURES_CASES, ids=[c[0] for c in FIGURES_CASES])
+def test_figures_replace_no_file_they_did_not_write(case, files, extra, message, w, tmp_path, capsys):
+    from lm import figures as figures_module
+
+    out = tmp_path / "figures"
+    out.mkdir()
+    for name, content in files:
+        (out / name).write_bytes(content)
+    before = snapshot(tmp_path)
+    code, err = run_main(figures_module.main, ["--out", str(out), "--data-dir", str(w["good"]), *extra], capsys)
+    _assert_one_line(code, err, message)
+    assert snapshot(tmp_path) == before
+
+
 OVERWRITE_REFUSED_CASES = [
     ("a-users-metrics-json", "metrics.json", json.dumps({"loss": 1.0}), ["trainer.overwrite=true"]),
     ("a-users-checkpoint-pt", "checkpoint.pt", "not a checkpoint", ["trainer.overwrite=true"]),

@@ -43,7 +43,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lm.config import CONFIG_DIR, ConfigError, compose, machine_cores
+from lm.config import CONFIG_DIR, SEED_MAX, ConfigError, compose, machine_cores
 from lm.infra.checkpoint import CheckpointError, RunFolderError
 from lm.infra.errors import DataError, UsageError
 from lm.infra.faults import NonFiniteError, TrainingInterrupted, stop_now
@@ -325,6 +325,14 @@ def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "0 or a positive integer")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, 0 up to torch's largest (unsigned 64-bit)."""
+    value = non_negative_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {SEED_MAX} (torch's seeds are unsigned 64-bit), got {value}")
+    return value
 
 
 def thread_count(text: str) -> int:

@@ -224,8 +224,9 @@ def text_starting(*prefixes: str) -> Callable[[Path], bool]:
     return ours
 
 
-def png_of_size(width: int, height: int) -> Callable[[Path], bool]:
-    """A PNG image of ``width`` x ``height`` pixels (the size a plot of ours is drawn at)."""
+def png_of_size(width: int, height: int | None) -> Callable[[Path], bool]:
+    """A PNG image of ``width`` x ``height`` pixels (the size a plot of ours is drawn at; a height of
+    None: any, for a picture that grows with what it shows)."""
 
     def ours(path: Path) -> bool:
         try:
@@ -233,8 +234,9 @@ def png_of_size(width: int, height: int) -> Callable[[Path], bool]:
                 head = f.read(24)
         except OSError:
             return False
-        return (
-            head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and struct.unpack(">II", head[16:24]) == (width, height)
-        )
+        if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+            return False
+        w, h = struct.unpack(">II", head[16:24])
+        return w == width and (height is None or h == height)
 
     return ours
