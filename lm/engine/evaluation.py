@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from lm.config import validate_eval, validate_saved
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpus import Corpus
-from lm.engine.runtime import build_model_from_checkpoint, fp32_products, load_user_data, provenance, select_device
+from lm.engine.runtime import (
+    build_model_from_checkpoint,
+    fp32_products,
+    load_user_data,
+    precision_record,
+    provenance,
+    select_device,
+)
 from lm.infra.checkpoint import atomic_write_json, load_checkpoint
 from lm.infra.cli import check_output_file
 from lm.model.language_model import LSTMLanguageModel
@@ -219,6 +226,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "mc_dropout": mc,
         "seconds": seconds,  # the standard evaluation; the MC one's is in mc_dropout
         **provenance(device),
+        "precision": precision_record(device, "fp32", train_cfg.trainer.tf32),  # evaluation is always fp32
     }
     atomic_write_json(output, report)
     print(f"wrote {output}")
