@@ -5,8 +5,9 @@ machine's torch (``make wheels ARGS=--gpu``, as ``make gpu-check`` does), print 
 start CUDA's Multi-Process Service where it works (``--mps auto``: the five trainings then
 share the GPU's multiprocessors instead of taking turns on all of them), check on a small
 model that the training step replayed as a CUDA graph trains as the eager step (else every
-run trains eagerly, which metrics.json records), then three ``python -m lm.reproduce`` plans
-side by side, each with a root of its own under ``runs/gpu-table1/``:
+run trains eagerly, which metrics.json records), then three ``python -m lm.reproduce`` plans,
+each with a root of its own under ``runs/gpu-table1/``: side by side with MPS, one after
+another without it (``waves``; ``--concurrency`` chooses):
 
 - ``large``: ``experiment=zaremba_large`` seed 1;
 - ``gal``: ``experiment=gal_medium`` seed 1, then its Monte Carlo dropout evaluation;
@@ -32,6 +33,7 @@ the self-check is a child process that imports torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -95,6 +97,19 @@ PARTS = (
     ),
 )
 RESULT_OF = {"train": "metrics.json", "mc": "eval.json", "average": "ensemble.json"}
+PRIORITY = ("medium", "gal", "large")  # one plan at a time: the averages' members first, the large model last
+
+
+def waves(parts: list[Part], concurrency: str, mps_used: bool) -> list[list[Part]]:
+    """The plans that run together, wave after wave. With MPS (or ``--concurrency all``) every plan at
+    once: five trainings whose small kernels share the multiprocessors. Without it the GPU takes turns
+    between processes, so five at once would each reach the mark a fifth done: one plan at a time
+    instead (each of its trainings after the other), in ``PRIORITY`` order, so that what the mark
+    cuts is the last plan, not all of them."""
+    if concurrency == "all" or (concurrency == "auto" and mps_used):
+        return [parts]
+    ordered = sorted(parts, key=lambda p: PRIORITY.index(p.name))
+    return [[dataclasses.replace(p, jobs=1)] for p in ordered]
 
 
 # ---------------------------------------------------------------- the steps, read from their folders
@@ -299,6 +314,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=9.5, help="the whole command's time, checkpoints included (default 9.5)")
     parser.add_argument("--mc-samples", type=int, default=None, help="Monte Carlo dropout samples (default 100; 2 in a dry run)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default="auto", help="CUDA MPS for the shared GPU (default auto)")
+    parser.add_argument(
+        "--concurrency",
+        choices=("auto", "all", "sequential"),
+        default="auto",
+        help="every plan at once, or one after another (default auto: at once with MPS only)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=[p.name for p in PARTS],
+        default=[p.name for p in PARTS],
+        help="the plans to run (default all: large gal medium)",
+    )
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", help="an override for every training")
     parser.add_argument("--self-check", action="store_true", help=argparse.SUPPRESS)  # the child of the self-check phase
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -384,26 +412,33 @@ def main(argv: list[str] | None = None) -> int:
         return finish(phases, [], info, out, clock)
 
     corpus = gpu_check.write_tiny_corpus(root / "corpus") if args.dry_run else None
-    steps_before = {(p.name, s[0]): step_state(root / p.name / s[1], s[2]) for p in PARTS for s in p.steps}
+    parts = [p for p in PARTS if p.name in args.parts]
+    steps_before = {(p.name, s[0]): step_state(root / p.name / s[1], s[2]) for p in parts for s in p.steps}
     try:
         phases.append(start_mps(args.mps, root / "mps", python, env, args.dry_run))
         gpu_check.say(clock, f"mps: {phases[-1].skipped or phases[-1].detail}")
         phases.append(run_self_check(python, "cpu" if args.dry_run else "cuda", env))
         gpu_check.say(clock, f"self-check of the CUDA graph step: {phases[-1].detail}")
-        commands = {p.name: part_command(python, p, root, args, corpus) for p in PARTS}
-        consoles = {p.name: root / p.name / "console.log" for p in PARTS}
+        consoles = {p.name: root / p.name / "console.log" for p in parts}
         for console in consoles.values():
             console.parent.mkdir(parents=True, exist_ok=True)
+            console.unlink(missing_ok=True)  # this run's lines only: a plan not reached has none
         stop_at = args.minutes * MINUTE - STOP_MARGIN - GRACE
-        gpu_check.say(clock, f"plans {', '.join(commands)} until the {stop_at / MINUTE:.1f}-minute mark")
-        ran = gpu_check.train_concurrently(commands, consoles, clock, stop_at, GRACE, env)
-        for name, phase in ran.items():
-            phase.name = f"plan {name}"
-            phases.append(phase)
+        mps_used = bool(phases[-2].detail.get("used"))
+        for wave in waves(parts, args.concurrency, mps_used):
+            if clock.now() >= stop_at:
+                phases += [Phase(f"plan {p.name}", skipped="the mark came first: the next run starts it", ok=True) for p in wave]
+                continue
+            commands = {p.name: part_command(python, p, root, args, corpus) for p in wave}
+            gpu_check.say(clock, f"plans {', '.join(commands)} until the {stop_at / MINUTE:.1f}-minute mark")
+            ran = gpu_check.train_concurrently(commands, {n: consoles[n] for n in commands}, clock, stop_at, GRACE, env)
+            for name, phase in ran.items():
+                phase.name = f"plan {name}"
+                phases.append(phase)
     finally:
         stop_mps(env)
     steps = []
-    for part in PARTS:
+    for part in parts:
         console = consoles[part.name].read_text(errors="replace") if consoles[part.name].is_file() else ""
         steps += [step_record(root, part, s, steps_before[(part.name, s[0])], console) for s in part.steps]
     started = time.monotonic()

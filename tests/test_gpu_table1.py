@@ -42,6 +42,17 @@ def test_the_command_fits_its_minutes_and_trains_on_the_gpu(tmp_path):
     assert sum(p.jobs for p in gpu_table1.PARTS) == 5  # large, Gal's medium and three medium seeds at once
 
 
+def test_without_mps_the_plans_run_one_after_another_medium_first():
+    """Without MPS the GPU takes turns between processes: five trainings at once would each reach the mark
+    a fifth done. One plan at a time instead, each training after the other, the averages' members first."""
+    parts = list(gpu_table1.PARTS)
+    assert gpu_table1.waves(parts, "auto", mps_used=True) == [parts]
+    assert gpu_table1.waves(parts, "all", mps_used=False) == [parts]
+    sequential = gpu_table1.waves(parts, "auto", mps_used=False)
+    assert [[(p.name, p.jobs) for p in wave] for wave in sequential] == [[("medium", 1)], [("gal", 1)], [("large", 1)]]
+    assert gpu_table1.waves(parts, "sequential", mps_used=True) == sequential
+
+
 def test_mps_falls_back_when_its_probe_fails(tmp_path, monkeypatch):
     """A GPU machine where MPS starts but its clients cannot run (a virtualised GPU, say): the daemon is
     told to quit, the trainings share the GPU without it, and the summary says why."""
@@ -105,6 +116,7 @@ def test_the_whole_plan_runs_dry_on_cpu_comes_back_small_and_a_rerun_continues(t
 
     out, root = tmp_path / "out", tmp_path / "runs"
     command = [sys.executable, "scripts/gpu_table1.py", "--dry-run", "--out", str(out), "--root", str(root), "--minutes", "8"]
+    command += ["--concurrency", "all"]  # as on a GPU with MPS (one plan after another: test_without_mps_the_plans_...)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
