@@ -228,7 +228,7 @@ def self_check(device_name: str) -> dict:
     import torch
 
     from lm.data.batching import batchify, bptt_windows
-    from lm.engine.step import StepRecipe, graphs_status, train_epoch
+    from lm.engine.step import StepOptions, graphs_status, train_epoch
     from lm.model.language_model import LSTMLanguageModel
 
     device = torch.device(device_name)
@@ -240,7 +240,7 @@ def self_check(device_name: str) -> dict:
         torch.manual_seed(0)
         model = LSTMLanguageModel(200, 64, 2, 0.0, 0.1).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-        progress = train_epoch(model, windows, opt, StepRecipe(max_grad_norm=5.0, cuda_graphs=graphed))
+        progress = train_epoch(model, windows, opt, StepOptions(max_grad_norm=5.0, cuda_graphs=graphed))
         models[graphed], nll[graphed] = model, progress.nll
     diff = max(float((a - b).abs().max()) for a, b in zip(models[False].parameters(), models[True].parameters()))
     status = graphs_status(models[True])

@@ -70,7 +70,7 @@ def _graphed_against_eager(variant: str, windows: int = 8, **rates) -> tuple[flo
     """The same start trained with the step replayed as a CUDA graph and eagerly, no dropout draws
     shared between them (rates 0 but the masked time loop's, whose masks differ): the largest parameter
     difference, the graphs' status and both runs' summed NLL."""
-    from lm.engine.step import StepRecipe, graphs_status, train_epoch
+    from lm.engine.step import StepOptions, graphs_status, train_epoch
 
     ids = torch.randint(0, 50, (4 * (5 * windows + 1),), generator=torch.Generator().manual_seed(0))
     data = bptt_windows(batchify(ids, 4).cuda(), 5)
@@ -79,7 +79,7 @@ def _graphed_against_eager(variant: str, windows: int = 8, **rates) -> tuple[flo
         torch.manual_seed(0)
         model = LSTMLanguageModel(50, 16, 2, 0.0, 0.1, variant=variant, **rates).cuda()
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-        nll.append(train_epoch(model, data, opt, StepRecipe(max_grad_norm=0.5, cuda_graphs=graphed)).nll)
+        nll.append(train_epoch(model, data, opt, StepOptions(max_grad_norm=0.5, cuda_graphs=graphed)).nll)
         models[graphed] = model
     diff = max(float((a - b).abs().max()) for a, b in zip(models[False].parameters(), models[True].parameters()))
     return diff, graphs_status(models[True]), nll
@@ -107,21 +107,21 @@ def test_a_graphed_epoch_waits_for_the_gpu_only_at_its_end():
     """No host sync per step: the syncs of an epoch of 30 replayed windows are those of an epoch of 10."""
     import warnings
 
-    from lm.engine.step import StepRecipe, train_epoch
+    from lm.engine.step import StepOptions, train_epoch
 
     torch.manual_seed(0)
     model = LSTMLanguageModel(50, 16, 2, 0.3, 0.1).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
     data = bptt_windows(batchify(torch.randint(0, 50, (4 * 151,)), 4).cuda(), 5)  # 30 windows
-    recipe = StepRecipe(max_grad_norm=5.0)
-    train_epoch(model, data[:5], opt, recipe)  # warm-up and capture
+    options = StepOptions(max_grad_norm=5.0)
+    train_epoch(model, data[:5], opt, options)  # warm-up and capture
 
     def syncs(windows) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_epoch(model, windows, opt, recipe, log_every=4)
+                train_epoch(model, windows, opt, options, log_every=4)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)

@@ -39,12 +39,12 @@ def _two_epochs(variant: str, logs: list | None = None) -> tuple[LSTMLanguageMod
     torch.manual_seed(0)
     model = LSTMLanguageModel(VOCAB, HIDDEN, 2, 0.3, 0.1, variant=variant, **RATES[variant])
     opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-    windows, recipe = _windows(), StepOptions(max_grad_norm=0.5, weight_decay=1e-4)
+    windows, options = _windows(), StepOptions(max_grad_norm=0.5, weight_decay=1e-4)
     epochs = []
     for lr in (1.0, 0.5):
         opt.param_groups[0]["lr"] = lr
         on_log = None if logs is None else (lambda step, nll, norm: logs.append((step, nll, norm)))
-        epochs.append(train_epoch(model, windows, opt, recipe, log_every=2, on_log=on_log))
+        epochs.append(train_epoch(model, windows, opt, options, log_every=2, on_log=on_log))
     return model, epochs
 
 
