@@ -180,6 +180,7 @@ def start_mps(mode: str, folder: Path, python: str, env: dict, dry_run: bool) ->
     for path in mps.values():
         Path(path).mkdir(exist_ok=True)
     try:
+        stop_mps({**env, **mps})  # one left by an interrupted run on this machine would refuse a second
         subprocess.run([control, "-d"], env={**env, **mps}, check=True, timeout=30, capture_output=True)
         probe = "import torch; x = torch.ones(4, device='cuda'); assert float(x.sum()) == 4.0; print('mps ok')"
         subprocess.run([python, "-c", probe], env={**env, **mps}, check=True, timeout=90, capture_output=True, text=True)
@@ -415,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in PARTS if p.name in args.parts]
     steps_before = {(p.name, s[0]): step_state(root / p.name / s[1], s[2]) for p in parts for s in p.steps}
     try:
-        phases.append(start_mps(args.mps, root / "mps", python, env, args.dry_run))
-        gpu_check.say(clock, f"mps: {phases[-1].skipped or phases[-1].detail}")
+        mps = start_mps(args.mps, root / "mps", python, env, args.dry_run)
+        phases.append(mps)
+        gpu_check.say(clock, f"mps: {mps.skipped or mps.detail}")
         phases.append(run_self_check(python, "cpu" if args.dry_run else "cuda", env))
         gpu_check.say(clock, f"self-check of the CUDA graph step: {phases[-1].detail}")
         consoles = {p.name: root / p.name / "console.log" for p in parts}
@@ -424,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             console.parent.mkdir(parents=True, exist_ok=True)
             console.unlink(missing_ok=True)  # this run's lines only: a plan not reached has none
         stop_at = args.minutes * MINUTE - STOP_MARGIN - GRACE
-        mps_used = bool(phases[-2].detail.get("used"))
-        for wave in waves(parts, args.concurrency, mps_used):
+        for wave in waves(parts, args.concurrency, mps_used=bool(mps.detail.get("used"))):
             if clock.now() >= stop_at:
                 phases += [Phase(f"plan {p.name}", skipped="the mark came first: the next run starts it", ok=True) for p in wave]
                 continue

@@ -66,7 +66,8 @@ def test_mps_falls_back_when_its_probe_fails(tmp_path, monkeypatch):
     failing_python = str(tmp_path / "bin" / "no-python-here")
     phase = gpu_table1.start_mps("auto", tmp_path / "mps", failing_python, env, dry_run=False)
     assert phase.ok and phase.detail["used"] is False and "CUDA_MPS_PIPE_DIRECTORY" not in env
-    assert [line.strip() for line in calls.read_text().splitlines()] == ["-d", "quit"]  # started, then told to quit
+    # a daemon left by an interrupted run told to quit, this one started, then told to quit
+    assert [line.strip() for line in calls.read_text().splitlines()] == ["quit", "-d", "quit"]
     assert not gpu_table1.start_mps("on", tmp_path / "mps", failing_python, dict(env), dry_run=False).ok
     assert gpu_table1.start_mps("off", tmp_path / "mps", failing_python, env, dry_run=False).skipped == "--mps off"
 
