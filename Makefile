@@ -21,10 +21,10 @@ ABLATION_JOBS ?= 2
 STATUS = { rc=$$?; case $$rc in 130|143) trap "exit $$rc" INT TERM; kill -$$((rc - 128)) $$PPID; sleep 30 & wait;; esac; exit $$rc; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train-small train-medium train-large reproduce ablation figures eval table test test-fast lint bench profile wheels gpu-check clean
+.PHONY: help setup data train-small train-medium train-large reproduce ablation figures eval table test test-fast lint bench profile wheels gpu-check gpu-table1 gpu-table1-import clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 	@echo "  ARGS='key=value ...' passes Hydra overrides to train-*, e.g. make train-small ARGS='trainer.seed=2'"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -90,6 +90,15 @@ wheels: $(STAMP) ## wheels of every dependency but torch into $WHEELS (wheels/),
 
 gpu-check: ## on the GPU machine: install wheels/, CUDA tests, bench, medium+large for 8.5 min; into $OUT or gpu-check/
 	$(PYTHON) scripts/gpu_check.py --wheels "$(WHEELS)" $(ARGS) || $(STATUS)
+
+gpu-table1: ## on the GPU machine: large, Gal's medium (+MC), medium x3 (+averages) in 9.5 min; reruns continue; into $OUT
+	$(PYTHON) scripts/gpu_table1.py --wheels "$(WHEELS)" $(ARGS) || $(STATUS)
+
+# FROM reaches the command through the environment, quoted, like CKPT.
+gpu-table1-import: $(STAMP) ## what make gpu-table1 brought back (FROM=its folder) into results/gpu-table1/, then the table
+	@test -n "$$FROM" || { echo "error: give FROM=the folder make gpu-table1 wrote (with gpu-table1.tar.gz)" >&2; exit 2; }
+	$(PY) scripts/gpu_table1.py --import-from "$$FROM" || $(STATUS)
+	$(PY) -m lm.report --with-runs runs || $(STATUS)
 
 clean: ## remove the environment and caches (keeps data/ and results/)
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -39,7 +39,7 @@ from lm.config import compose, validate  # noqa: E402
 from lm.data.batching import batchify, bptt_windows  # noqa: E402
 from lm.engine.evaluation import evaluate  # noqa: E402
 from lm.engine.runtime import fp32_products  # noqa: E402
-from lm.engine.step import train_epoch  # noqa: E402
+from lm.engine.step import graphs_status, train_epoch  # noqa: E402
 from lm.infra.checkpoint import atomic_write_json  # noqa: E402
 from lm.model.language_model import LSTMLanguageModel  # noqa: E402
 
@@ -208,6 +208,8 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
         "bf16_casts": lambda: train_epoch(ours, windows, opt, 5.0, autocast_dtype=torch.bfloat16, weight_copies=False).seconds,
         "reference": lambda: reference_steps(ref, windows, hidden),
     }
+    if device.type == "cuda":  # the same fp32 step without CUDA graphs: what replaying them gains
+        steps["fp32_eager"] = lambda: train_epoch(ours, windows, opt, 5.0, cuda_graphs=False).seconds
     if not bf16:
         del steps["bf16"], steps["bf16_casts"]
     train = interleaved_rates(steps, tokens, reps)
@@ -243,6 +245,9 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
         "train_flop_per_token": train_flops_per_token(hidden),
         "eval_flop_per_token": train_flops_per_token(hidden) / 3,
         "host_syncs": host_syncs(ours, windows, opt) if device.type == "cuda" else None,
+        "train_eager_tokens_per_s": median(train["fp32_eager"]) if "fp32_eager" in train else None,
+        "cuda_graphs_speedup": paired_ratio(train["fp32"], train["fp32_eager"]) if "fp32_eager" in train else None,
+        "cuda_graphs": graphs_status(ours),
     }
 
 
@@ -365,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tf32", action="store_true", help="GPU: fp32 products in TF32 (trainer.tf32=true); IEEE fp32 otherwise")
     parser.add_argument("--out", default=None, help="default results/bench.json (cpu), results/bench-cuda.json (cuda)")
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="seconds after which no size starts (make gpu-check's budget)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -377,7 +385,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> None:
-    """Time every size (and the dropout strategies), print the table and the targets, write the json."""
+    """Time every size (and the dropout strategies), print the table and the targets, write the json.
+
+    The json is written after every size and after the strategies (``"complete": false`` until the
+    end), so a bench stopped by its caller's time limit keeps what it measured; with ``--deadline``
+    nothing new starts once that many seconds have passed since the start (listed under ``skipped``)."""
+    started = time.perf_counter()
     sizes = args.sizes or (["small", "medium"] if args.quick else list(SIZES))
     windows, reps = (3, 3) if args.quick else (20, 5)
     fp32 = matmul_gflops(torch.float32, device)
@@ -386,8 +399,41 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
     # emulated bf16 (no AVX512-BF16, AMX or Arm BF16) trains tens of times slower than fp32: timing it would
     # take most of the bench's time to show only that, which the matmul ceilings already show
     time_bf16 = device.type == "cuda" or cpu["bf16"] != "none"
-    results = {}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    fused = kernels.available("cpu")
+    results: dict = {}
+    report = {
+        "complete": False,
+        "skipped": [],
+        "quick": args.quick,
+        "variants_medium": None,
+        "threads": torch.get_num_threads(),
+        "device": where if device.type == "cuda" else "cpu",
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        if device.type == "cuda"
+        else None,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu": cpu,
+        "fused_kernels": fused,
+        "matmul_gflops": {"fp32": fp32, "bf16": bf16},
+        "bf16_timed": time_bf16,
+        "sizes": results,
+        "targets": [],
+    }
+
+    def time_left(what: str) -> bool:
+        if args.deadline is None or time.perf_counter() - started < args.deadline:
+            return True
+        report["skipped"].append(what)
+        print(f"skipped {what}: past the {args.deadline:.0f} s deadline", flush=True)
+        return False
+
     for name in sizes:
+        if not time_left(name):
+            continue
         r = bench_size(
             name, windows if name != "large" or device.type == "cuda" else max(2, windows // 4), reps, device, bf16=time_bf16
         )
@@ -399,8 +445,9 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
             r["reference_eval_batched_tokens_per_s"] * r["eval_flop_per_token"] / (fp32 * 1e9)
         )
         results[name] = r
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    fused = kernels.available("cpu")
+        report["targets"] = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
+        atomic_write_json(out_path, report)  # what is measured so far survives a stop
+        print(f"{name}: measured ({time.perf_counter() - started:.0f} s); wrote {out_path}", flush=True)
     print(f"CPU: {cpu['model']}; bf16 instructions: {cpu['bf16']}; fused CPU kernels: {'yes' if fused else 'no'}")
     print(f"matmul ceilings: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s; {where}")
     if not time_bf16:
@@ -420,8 +467,8 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
             f"{r['reference_eval_batched_tokens_per_s']:>8,.0f} {r['eval_stream_ratio']:>8.2f} "
             f"{r['fraction_of_fp32_matmul_ceiling']:>9.0%} {_cell(r['bf16_fraction_of_bf16_matmul_ceiling'], '.0%', 9)}"
         )
-    targets = check_targets(results, fp32, bf16, cpu["bf16"] if device.type == "cpu" else device.type)
-    if time_bf16:
+    targets = report["targets"]
+    if time_bf16 and results:
         print(
             "bf16 step with weight copies against the same step casting the weights: "
             + ", ".join(f"{name} {r['bf16_weight_copies_speedup']:.2f}x" for name, r in results.items())
@@ -432,13 +479,16 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
                 f"{name}: {r['host_syncs']['syncs']} host synchronisations in a pass of "
                 f"{r['host_syncs']['windows']} training windows"
             )
+        if r.get("cuda_graphs_speedup") is not None:
+            print(f"{name}: the step replayed as a CUDA graph {r['cuda_graphs_speedup']:.2f}x the eager step")
     for t in targets:
         print(
             f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}"
             + (f" ({t['why']})" if t.get("why") else "")
         )
-    variants = bench_variants(windows, reps, device) if args.variants else None
+    variants = bench_variants(windows, reps, device) if args.variants and time_left("variants") else None
     if variants:
+        report["variants_medium"] = variants
         print(
             "dropout strategies at medium: "
             + ", ".join(
@@ -455,25 +505,8 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
                 }
             )
             print(f"target {targets[-1]['target']}: {slowdown:.2f} -> {'met' if targets[-1]['met'] else 'NOT met'}")
-    report = {
-        "quick": args.quick,
-        "variants_medium": variants,
-        "threads": torch.get_num_threads(),
-        "device": where if device.type == "cuda" else "cpu",
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-        if device.type == "cuda"
-        else None,
-        "torch_version": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu": cpu,
-        "fused_kernels": fused,
-        "matmul_gflops": {"fp32": fp32, "bf16": bf16},
-        "bf16_timed": time_bf16,
-        "sizes": results,
-        "targets": targets,
-    }
+    report["complete"] = not report["skipped"]
+    report["seconds"] = time.perf_counter() - started
     atomic_write_json(out_path, report)
     print(f"wrote {out_path}")
 

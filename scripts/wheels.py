@@ -8,6 +8,13 @@ each pinned distribution is fetched as a wheel
 for the target platform; the few that publish only a source archive (antlr4-python3-runtime,
 which hydra-core needs) are built into wheels here. ``make gpu-check`` installs the folder
 with ``pip install --no-index --find-links``.
+
+``--gpu`` makes the small folder the lent GPU machines need (``make gpu-check``,
+``make gpu-table1``): the requirements of training, evaluation and ``pytest -m cuda``
+(``gpu_requirements``: no ``datasets``, whose pyarrow alone is about 50 MB and must be >= 24,
+since the corpus is then read with plain Python; no ruff, no launchers), and wheels only of
+the distributions that machine's image lacks (``GPU_IMAGE_LACKS``): under a megabyte, where
+the whole list is about 130 MiB against a 64 MiB limit on what travels with a job.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ EXCLUDED = ("torch",)  # the GPU machine's own CUDA build
 EXTRAS = ("dev",)  # pytest, and the launchers the tests import
 PYTHON_VERSION = "3.11"  # pyproject's; the lent H200's python3 is 3.12 (--python-version 3.12)
 MANIFEST = "wheels.json"  # what the folder was made for: make gpu-check refuses another Python with one line
+# --gpu: what a GPU machine's commands import beyond torch. datasets stays out (lm.data.corpus reads the
+# files with plain Python without it); so do the lint and launcher extras.
+GPU_LEFT_OUT = ("torch", "datasets")
+GPU_EXTRA_NEEDS = ("pytest",)  # of the dev extra: make gpu-check runs pytest -m cuda
+# Of those, what the lent GPU image ('cuda', read 2026-11-17: docs/gpu.md) does not hold: the rest is there.
+GPU_IMAGE_LACKS = ("hydra-core", "omegaconf", "antlr4-python3-runtime")
 # glibc 2.17 or newer (manylinux2014, which also admits manylinux2010/1) and 2.28 or newer (wheels built
 # on AlmaLinux 8): every GPU distribution of recent years has glibc >= 2.28
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
@@ -58,6 +71,16 @@ def requirements(
         if project_name(requirement) not in drop and requirement not in out:
             out.append(requirement)
     return out
+
+
+def gpu_requirements(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
+    """What a GPU machine installs: pyproject's dependencies without ``GPU_LEFT_OUT``, plus the dev
+    extra's ``GPU_EXTRA_NEEDS`` (no build requirements: nothing is built there), each once."""
+    project = tomllib.loads(pyproject.read_text()).get("project", {})
+    drop = {project_name(name) for name in GPU_LEFT_OUT}
+    listed = [r for r in project.get("dependencies", []) if project_name(r) not in drop]
+    listed += [r for r in project.get("optional-dependencies", {}).get("dev", []) if project_name(r) in GPU_EXTRA_NEEDS]
+    return list(dict.fromkeys(listed))
 
 
 def resolve(reqs: list[str], pip: list[str]) -> list[dict]:
@@ -134,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dest", default="wheels", help="the folder to fill (default wheels/)")
     parser.add_argument("--python-version", default=PYTHON_VERSION, help=f"the GPU machine's CPython (default {PYTHON_VERSION})")
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only what the lent GPU machines need and their image lacks (under 1 MB; see docs/gpu.md)",
+    )
+    parser.add_argument(
         "--exclude",
         nargs="*",
         default=[],
@@ -145,16 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     pip = [sys.executable, "-m", "pip"]
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    reqs = requirements()
-    excluded = (*EXCLUDED, *args.exclude)
-    print(f"resolving {len(reqs)} requirements from pyproject.toml (without {', '.join(EXCLUDED)})")
+    reqs = gpu_requirements() if args.gpu else requirements()
+    left_out = GPU_LEFT_OUT if args.gpu else EXCLUDED
+    print(f"resolving {len(reqs)} requirements from pyproject.toml (without {', '.join(left_out)})")
     resolved = resolve(reqs, pip)
+    excluded = (*EXCLUDED, *args.exclude)
+    if args.gpu:  # everything the image already holds
+        excluded += tuple(d["name"] for d in resolved if d["name"] not in GPU_IMAGE_LACKS)
     for command in download_commands(resolved, dest, pip, args.python_version, excluded):
         _run(command)
     manifest = {
         "python_version": args.python_version,
+        "profile": "gpu" if args.gpu else "full",
         "platforms": list(PLATFORMS),
-        "requirements": reqs,
+        "requirements": reqs,  # what make gpu-check asks pip for
         "excluded": list(excluded),
         "resolved": [f"{d['name']}=={d['version']}" for d in resolved],
     }

@@ -159,3 +159,37 @@ def test_matmul_ceiling_stops_early_where_products_are_slow(monkeypatch):
         rate = bench.matmul_gflops(bench.torch.float32, reps=10, seconds=2.0)
         assert len(calls) == expected_calls
         assert rate == pytest.approx(2 * (1024 if took == 1.0 else 2048) ** 3 / took / 1e9)
+
+
+def test_the_json_is_written_after_every_size_and_a_deadline_starts_nothing_new(tmp_path, monkeypatch):
+    """make gpu-check stops the bench at its budget: what was measured by then must already be on disk."""
+    monkeypatch.setattr(bench.kernels, "cpu_info", lambda: {"model": "test cpu", "bf16": "none"})
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, device: 100.0)
+    fake = {
+        "train_tokens_per_s": 10.0,
+        "train_flop_per_token": 1e6,
+        "train_bf16_tokens_per_s": None,
+        "train_bf16_ratio": None,
+        "train_ratio": 1.1,
+        "reference_eval_batched_tokens_per_s": 5.0,
+        "eval_flop_per_token": 1e5,
+        "host_syncs": None,
+    }
+    out = tmp_path / "bench.json"
+
+    def small_then_stopped(name, *args, **kwargs):
+        if name == "medium":
+            assert json.loads(out.read_text())["sizes"]["small"]["train_ratio"] == 1.1  # written before the next size
+            raise KeyboardInterrupt  # the caller's time limit
+        return dict(fake)
+
+    monkeypatch.setattr(bench, "bench_size", small_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--sizes", "small", "medium", "--out", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and list(partial["sizes"]) == ["small"]
+    assert [t["target"] for t in partial["targets"]] == ["small: ours fp32 >= 1.0x reference"]
+
+    bench.main(["--quick", "--sizes", "small", "medium", "--variants", "--deadline", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["skipped"] == ["small", "medium", "variants"] and report["complete"] is False and report["sizes"] == {}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,37 @@ def test_a_custom_folder_names_its_own_missing_files(tmp_path: Path):
 def test_an_unknown_corpus_name_is_one_line(tmp_path: Path):
     with pytest.raises(DataError, match="data.name 'penn' is not a corpus this project knows: one of ptb, custom, wikitext2"):
         corpus_layout("penn")
+
+
+# Lines the two readers could split differently: CRLF and CR endings, characters that
+# str.splitlines breaks at (form feed, U+2028, U+0085) inside a line, blank lines, a tab,
+# non-ASCII words, and each split ending in another way (newline, none, a blank line).
+AWKWARD_SPLITS = {
+    "train": " the cat sat <unk>\r\n a dog\rsaw \x0c the cat\n\n  the\u2028cat  café \u0085 dog\n the dog\tsat \n",
+    "valid": " the cat sat\r\n\r\n a dog saw",
+    "test": " café dog <unk>\n\n",
+}
+
+
+def test_without_datasets_the_corpus_reads_to_the_same_ids(monkeypatch, tmp_path: Path, caplog):
+    """An offline GPU machine may lack ``datasets`` (or hold a pyarrow too old for it): the corpus is
+    then read with plain Python, line for line as the text builder splits it, to the same ids."""
+    import lm.data.corpus as corpus_module
+
+    for split, text in AWKWARD_SPLITS.items():
+        (tmp_path / f"{split}.txt").write_bytes(text.encode("utf-8"))
+    files = {split: tmp_path / f"{split}.txt" for split in AWKWARD_SPLITS}
+    with caplog.at_level("INFO", logger="lm.data.corpus"):
+        with_datasets = corpus_module._read_lines(files, "digest-a")
+    assert not caplog.records  # read by datasets here, not by the fallback
+    assert {s: corpus_module.read_lines(p) for s, p in files.items()} == with_datasets
+    assert with_datasets["valid"] == [" the cat sat", "", " a dog saw"]  # what the assertion above holds the reader to
+    expected = load_corpus(tmp_path, CUSTOM)
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with caplog.at_level("INFO", logger="lm.data.corpus"):
+        plain = load_corpus(tmp_path, CUSTOM)
+    assert "reading the corpus with plain Python" in caplog.text
+    assert plain.vocab.itos == expected.vocab.itos
+    for split in AWKWARD_SPLITS:
+        assert plain.split(split).equal(expected.split(split))

@@ -73,6 +73,7 @@ def test_evaluate_command_matches_training_numbers(tiny_run: Path):
     assert report["results"]["test"]["stream"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-9)
     assert report["results"]["valid"]["batched"]["ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-9)
     assert json.loads(out.read_text())["results"]["test"]["stream"]["tokens"] == metrics["test_predictions"]
+    assert report["precision"] == {**metrics["precision"], "trainer.precision": "fp32", "products": "ieee fp32"}
 
 
 @pytest.mark.full
@@ -166,3 +167,34 @@ def test_checkpoint_configs_from_before_new_keys_still_load(tiny_run: Path):
     cfg = validate_saved(saved)
     assert (cfg.model.dropout_variant, cfg.model.weight_drop, cfg.model.tie_weights) == ("zaremba", 0.0, False)
     assert cfg.model.hidden_size == 16
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("member_tf32, expected", [((False, False), False), ((True, False), False), ((True, True), True)])
+def test_model_averages_keep_the_precision_contract_and_record_it(member_tf32, expected, tiny_run: Path, tmp_path, monkeypatch):
+    """lm.ensemble evaluates under the members' products: IEEE fp32 on a GPU unless every member trained
+    with TF32 (PyTorch's defaults would run cuDNN's LSTM in TF32), and ensemble.json says which."""
+    import lm.engine.averaging as averaging
+    from lm.infra.checkpoint import load_checkpoint, save_checkpoint
+
+    flags = []
+    real = averaging.evaluate_all
+
+    def recording(*args, **kwargs):
+        flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(averaging, "evaluate_all", recording)
+    members = []
+    for i, tf32 in enumerate(member_tf32):
+        ckpt = load_checkpoint(tiny_run / "out" / "checkpoint.pt")
+        ckpt["config"]["trainer"]["tf32"] = tf32
+        save_checkpoint(tmp_path / f"m{i}.pt", ckpt)
+        members.append(tmp_path / f"m{i}.pt")
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    report = averaging.run_ensemble(members, tmp_path / "avg", data_dir=str(tiny_run / "corpus"), device="cpu")
+    assert flags == [(expected, expected)] * 3  # each member alone, then the average
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert report["precision"]["tf32"] is False  # a CPU: no TF32 whatever the flags say
+    assert report["precision"]["evaluation_products"] == "ieee fp32"
+    assert json.loads((tmp_path / "avg" / "ensemble.json").read_text())["precision"] == report["precision"]

@@ -275,6 +275,113 @@ def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem,
     ]
 
 
+def _counting_compile(graphs: list):
+    """torch.compile with a backend that counts the graphs it is given and runs them as traced."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return lambda fn, **options: torch.compile(fn, backend=backend, **options)
+
+
+def test_one_compiled_step_serves_windows_of_every_length(problem):
+    """A window's step is what is compiled, not the unrolled window: windows of 7, 3, 1 and 12 steps
+    (an epoch's last window is shorter; Monte Carlo evaluation reads 500) add no compile. Two graphs:
+    the first step, whose carried state needs no gradient, and the others."""
+    from lm.model.recurrence import CompiledWindow, LSTMWindow
+
+    torch._dynamo.reset()
+    graphs = []
+    compiled = CompiledWindow(_counting_compile(graphs))
+    layer, _, _ = problem
+    for steps in (7, 3, 1, 12):
+        x = torch.randn(B, steps, H)
+        h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
+        x_proj, _, _, w_hh = _window_inputs(layer, x, ([h0], [c0]))
+        out, h, c = compiled(x_proj, h0, c0, w_hh, None, torch.float32)
+        expected = LSTMWindow.apply(x_proj, h0, c0, w_hh, None, torch.float32)
+        assert torch.allclose(out, expected[0], atol=1e-6) and torch.allclose(c, expected[2], atol=1e-6)
+        (out.sum() + c.sum()).backward()
+    assert len(graphs) == 2 and compiled.status() == {
+        "path": "compiled step (torch.compile)",
+        "fallback_reason": None,
+        "compiled_signatures": 2,
+        "windows_compiled": 4,
+    }
+
+
+@pytest.mark.full
+def test_the_compiled_step_through_aot_autograd_matches_the_eager_window(problem):
+    """A real compile of the step, forward and backward graphs (AOTAutograd, the eager backend: no C++
+    or Triton build), against the eager window, values and gradients, with per-step masks."""
+    from lm.model.recurrence import CompiledWindow, LSTMWindow
+
+    torch._dynamo.reset()
+    layer, x, state = problem
+    masks = (torch.rand(T, B, H, generator=torch.Generator().manual_seed(3)) > 0.3) / 0.7
+    compiled = CompiledWindow(lambda fn, **options: torch.compile(fn, backend="aot_eager", **options))
+    run = lambda fn: _run(  # noqa: E731
+        lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*fn(*_window_inputs(layer, x, state), masks, torch.float32)),
+        layer,
+        x,
+        state,
+    )
+    for a, b in zip(run(LSTMWindow.apply), run(compiled)):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not compiled.failed
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Stands in for a compiled graph whose backward fails to compile (lazily, at its first use)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("InductorError: backward graph failed to compile\nmore detail")
+
+
+def test_a_backward_that_fails_to_compile_is_caught_before_any_training_step_needs_it(problem, caplog):
+    """AOTAutograd compiles a backward at its first use, inside the training step's backward(), where
+    a failure could not fall back. The first call of each new step signature compiles both ways on a
+    copy of its inputs, so the failure surfaces there: one warning, the eager window, and why in the status."""
+    from lm.model.recurrence import CompiledWindow
+
+    def compile_with_broken_backward(fn, **options):
+        def run(*args):
+            h, c = fn(*args)
+            return _BackwardFails.apply(h), c
+
+        return run
+
+    layer, x, state = problem
+    compiled = CompiledWindow(compile_with_broken_backward)
+    with caplog.at_level("WARNING", logger="lm.recurrence"):
+        assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "compiling the LSTM window failed (InductorError: backward graph failed to compile); training runs the slower eager loop"
+    ]
+    assert compiled.status()["path"] == "eager loop"
+    assert compiled.status()["fallback_reason"] == "InductorError: backward graph failed to compile"
+    with torch.no_grad():  # the same compiled forward without gradients has nothing to fail, but the choice is made
+        assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
+
+
+def test_gpu_evaluation_runs_the_eager_loop_and_gpu_training_the_compiled_step():
+    """Monte Carlo dropout evaluates with dropout on, h_{t-1} masked, in windows of 500 steps and an odd
+    last one per split: compiling each would take minutes. Without gradients the eager loop runs."""
+    from lm.model.recurrence import window_path
+
+    cuda = torch.device("cuda")
+    assert window_path(cuda) == "compiled"
+    with torch.no_grad():
+        assert window_path(cuda) == "eager"
+    assert window_path(torch.device("meta")) == "eager"
+
+
 def test_lm_compile_0_turns_compiling_off(monkeypatch):
     from lm.model.recurrence import CompiledWindow
 

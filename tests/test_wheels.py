@@ -71,3 +71,26 @@ def test_binary_pins_are_fetched_for_the_target_and_source_only_ones_built():
     for flag in ("--no-deps", "--only-binary=:all:", "manylinux2014_x86_64", "3.12", "cp312"):
         assert flag in fetch
     assert build == ["pip", "wheel", "--no-deps", "--wheel-dir", "w", "antlr4-python3-runtime==4.9.3"]
+
+
+def test_the_gpu_profile_needs_no_datasets_and_fetches_only_what_the_image_lacks(tmp_path):
+    """datasets 5 needs pyarrow >= 24 (about 50 MB, left out of the carried wheels): if the GPU machine's
+    pyarrow is older the install fails and nothing runs. The GPU install asks for no datasets at all
+    (the corpus is read with plain Python there) and carries wheels of hydra and omegaconf only."""
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT.replace('"hydra-core==1.3.8"', '"hydra-core==1.3.8", "datasets>=2.19"'))
+    assert wheels.gpu_requirements(tmp_path / "pyproject.toml") == [
+        "hydra-core==1.3.8",
+        "tqdm==4.70.1 ; python_version >= '3.8'",
+        "pytest==9.2.0",
+    ]
+    reqs = wheels.gpu_requirements()
+    names = {wheels.project_name(r) for r in reqs}
+    assert {"hydra-core", "omegaconf", "pytest"} <= names and not names & {"datasets", "torch", "ruff", "pyarrow"}
+    resolved = [
+        {"name": "hydra-core", "version": "1.3.8", "wheel": True},
+        {"name": "antlr4-python3-runtime", "version": "4.9.3", "wheel": False},
+        {"name": "numpy", "version": "2.4.6", "wheel": True},
+    ]
+    image_has = tuple(d["name"] for d in resolved if d["name"] not in wheels.GPU_IMAGE_LACKS)
+    fetch, build = wheels.download_commands(resolved, Path("w"), ["pip"], "3.12", excluded=("torch", *image_has))
+    assert fetch[-1:] == ["hydra-core==1.3.8"] and build[-1:] == ["antlr4-python3-runtime==4.9.3"]

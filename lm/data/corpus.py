@@ -3,7 +3,9 @@ build the vocabulary, encode each split as one id tensor (``lm.data.batching`` c
 
 Data flows one way: files -> HF ``datasets`` text builder (cached) -> tokens
 (``<eos>`` ends each line) -> ``Vocab`` (train only) -> 1-D int64 tensors ->
-``batchify`` -> ``bptt_windows``.
+``batchify`` -> ``bptt_windows``. Where ``datasets`` cannot be imported or used (an offline
+GPU machine without it, or with a pyarrow too old for it), the same lines are read with
+plain Python: the same ids either way (tests/test_data.py).
 """
 
 from __future__ import annotations
@@ -156,14 +158,30 @@ def _read_lines(files: dict[str, Path], digest: str) -> dict[str, list[str]]:
     ``datasets`` keys its cache on the files' paths and modification times, so a file changed
     with its mtime kept (``cp -p``, ``tar``, ``rsync -t``) would be read from the old cache. The
     digest of the bytes goes into the builder config (its ``description``), which is part of the
-    cache key: other bytes, another cache entry.
+    cache key: other bytes, another cache entry. Without a usable ``datasets``, ``read_lines``.
     """
-    import datasets  # heavy (pyarrow, pandas): loaded only when a corpus is read, not by batchify's users
+    try:
+        import datasets  # heavy (pyarrow, pandas): loaded only when a corpus is read, not by batchify's users
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()}, description=f"content-{digest}")
-    return {s: ds[s]["text"] for s in files}
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()}, description=f"content-{digest}")
+        return {s: ds[s]["text"] for s in files}
+    except Exception as err:  # not installed, or unusable here (datasets 5 needs pyarrow >= 24): the files are checked already
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        log.info("HF datasets unavailable (%s): reading the corpus with plain Python, the same lines", reason)
+        return {s: read_lines(p) for s, p in files.items()}
+
+
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines as the ``datasets`` text builder returns them: universal newlines
+    (``\\r\\n`` and ``\\r`` read as ``\\n``), split on ``\\n`` only (not on the other characters
+    ``str.splitlines`` breaks at), line breaks removed, no empty last line after a final newline."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def tokenize(lines: Iterable[str]) -> list[str]:

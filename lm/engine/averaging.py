@@ -20,7 +20,15 @@ import torch
 from lm.config import TrainConfig, validate_saved
 from lm.data.batching import batchify
 from lm.engine.evaluation import PROTOCOL_DESCRIPTIONS, evaluate_all, format_results
-from lm.engine.runtime import build_model_from_checkpoint, check_vocab, load_user_data, provenance, select_device
+from lm.engine.runtime import (
+    build_model_from_checkpoint,
+    check_vocab,
+    fp32_products,
+    load_user_data,
+    precision_record,
+    provenance,
+    select_device,
+)
 from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from lm.infra.outputs import Output, atomic_write_json, atomic_write_text, check_output_folder, claim, json_of, text_starting
 from lm.infra.schema import ENSEMBLE
@@ -136,13 +144,17 @@ def run_ensemble(
         print(text, flush=True)
         lines.append(text)
 
+    # On a GPU, the products the members were trained and validated with: IEEE fp32 unless every
+    # member trained with TF32 (PyTorch's own defaults would run cuDNN's LSTM in TF32 and cuBLAS in IEEE)
+    tf32 = all(c.trainer.tf32 for c in cfgs)
     start = time.perf_counter()
     members = []
-    for path, model in zip(checkpoints, models) if with_members else ():
-        member_results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
-        say(f"member {path}\n{format_results(member_results)}")
-        members.append({"checkpoint": str(path), "results": member_results})
-    results = evaluate_all(models, corpus, batch_size, bptt, eval_window)
+    with fp32_products(tf32):
+        for path, model in zip(checkpoints, models) if with_members else ():
+            member_results = evaluate_all(model, corpus, batch_size, bptt, eval_window)
+            say(f"member {path}\n{format_results(member_results)}")
+            members.append({"checkpoint": str(path), "results": member_results})
+        results = evaluate_all(models, corpus, batch_size, bptt, eval_window)
     say(f"average of {len(models)} models (mean of probabilities per token)\n{format_results(results)}")
     report = {
         "name": first.name,
@@ -158,6 +170,7 @@ def run_ensemble(
         "results": results,
         "members": members,
         **provenance(device),
+        "precision": precision_record(device, "fp32", tf32),  # evaluation is always fp32
         "seconds": time.perf_counter() - start,  # the evaluations (members', if asked, and the average's)
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,14 @@ from lm.config import ConfigError, check_mc_fits, validate_eval, validate_saved
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpora import layout_in
 from lm.data.corpus import Corpus
-from lm.engine.runtime import build_model_from_checkpoint, fp32_products, load_user_data, provenance, select_device
+from lm.engine.runtime import (
+    build_model_from_checkpoint,
+    fp32_products,
+    load_user_data,
+    precision_record,
+    provenance,
+    select_device,
+)
 from lm.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lm.infra.outputs import Output, atomic_write_json, claim, json_of
 from lm.infra.schema import EVAL
@@ -228,6 +235,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "mc_dropout": mc,
         "seconds": seconds,  # the standard evaluation; the MC one's is in mc_dropout
         **provenance(device),
+        "precision": precision_record(device, "fp32", train_cfg.trainer.tf32),  # evaluation is always fp32
     }
     atomic_write_json(output, report)
     print(f"wrote {output}")

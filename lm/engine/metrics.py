@@ -12,9 +12,11 @@ from lm.engine.evaluation import PROTOCOL_DESCRIPTIONS, evaluate_all
 from lm.engine.run import Run
 from lm.engine.run_folder import METRICS_NAME
 from lm.engine.runtime import precision_record, provenance
+from lm.engine.step import graphs_not_applicable, graphs_status
 from lm.infra.checkpoint import atomic_write_json
 from lm.infra.faults import NonFiniteError, StopRequest, fault_point, interrupt
 from lm.model.language_model import count_parameters
+from lm.model.recurrence import compiled_window
 
 log = logging.getLogger("lm.train")  # one logger for the whole training run (its train.log)
 
@@ -73,9 +75,21 @@ def metrics_record(run: Run, results: dict[str, dict[str, dict[str, float]]]) ->
         **provenance(run.device),
         "precision": precision_record(run.device, run.cfg.trainer.precision, run.cfg.trainer.tf32),
         "kernels": run.kernels,  # fused or pytorch (lm.kernels.path): the same seed gives other numbers on each
+        "step_paths": step_paths(run),
         "processes": run.group.world_size,
         "platform": platform.platform(),
     }
+
+
+def step_paths(run: Run) -> dict[str, Any]:
+    """How this process ran the training step: replayed as a CUDA graph or eagerly (and why), and on a
+    GPU whether the masked or bf16 layers' time loop ran compiled or fell back to the eager loop (about
+    5x slower) and why. A fallback is one warning line in the log; here it stays with the numbers."""
+    graphs = graphs_status(run.model)
+    if graphs is None:
+        reason = graphs_not_applicable(run.device, run.optimizer, run.step_options, run.step_options.objective, copies=False)
+        graphs = {"replayed_steps": 0, "not_used": reason or "no step trained in this process"}
+    return {"cuda_graphs": graphs, "time_loop": compiled_window().status() if run.device.type == "cuda" else None}
 
 
 def write_metrics(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 One window: forward (under autocast for bf16), the cross-entropy summed over the window and
 averaged over the batch, backward, global L2 clipping, plain SGD (plus an optional weight
 shrink, for Gal's recipe). One epoch: that step over the windows in order, with the hidden
-state carried (detached) between them and a host sync only every ``log_every`` steps.
+state carried (detached) between them and a host sync only every ``log_every`` steps. On a
+GPU the step is replayed as a CUDA graph (``GraphedStep``, ``lm.engine.graphs``), and the host
+then waits for the device only at the epoch's end.
 ``lm.train`` builds a run around these; scripts (``bench``, ``profile``) call them directly.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -19,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lm.config import OptimConfig
+from lm.engine.graphs import StepGraphs, backend_for, graphs_mode
 from lm.infra.faults import NonFiniteError, fault_point
 from lm.kernels.weight_copies import WeightCopies, applies, fp32_norm
 from lm.model.language_model import LSTMLanguageModel, State, detach_state
@@ -51,6 +55,7 @@ class StepOptions:
     weight_copies: bool = (
         True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.kernels.weight_copies)
     )
+    cuda_graphs: bool = True  # GPU: replay the step as a CUDA graph where it applies (lm.engine.graphs; LM_CUDA_GRAPHS=0: never)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,106 @@ def shrink_weights(params: list[torch.nn.Parameter], fraction: float) -> None:
                 p.mul_(1.0 - fraction)
 
 
+# ---------------------------------------------------------------- the step as a CUDA graph
+
+
+class GraphedStep:
+    """``train_step`` as ``lm.engine.graphs.StepGraphs`` captures it: the same forward, loss,
+    backward and global clipping, and plain SGD written out (``p -= lr * g``) with the lr read from a
+    device tensor, so that the epoch's lr reaches the graph without a new capture. Autocast runs
+    without its weight-cast cache, which a captured graph must not keep. The update differs from
+    ``torch.optim.SGD``'s only in rounding (one multiply and one subtract instead of a fused add)."""
+
+    def __init__(self, objective: torch.nn.Module, params: list[torch.nn.Parameter], optimizer, options: StepOptions, backend):
+        self.objective, self.params, self.optimizer, self.options = objective, params, optimizer, options
+        self.lr = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        self.lr_value: float | None = None
+        self.graphs = StepGraphs(self._body, params, backend)
+
+    def _body(self, inputs: list[torch.Tensor]):
+        x, y, *flat = inputs
+        state = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        options = self.options
+        with torch.autocast(
+            x.device.type, dtype=options.autocast_dtype, enabled=options.autocast_dtype is not None, cache_enabled=False
+        ):
+            loss_sum, new_state = self.objective(x, y, state)
+        (loss_sum / x.size(0)).backward()
+        trained = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in trained]
+        grad_norm = total_grad_norm(grads)
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        torch.nn.utils.clip_grads_with_norm_(trained, options.max_grad_norm, grad_norm, foreach=True)
+        with torch.no_grad():
+            torch._foreach_mul_(grads, self.lr)
+            torch._foreach_sub_(trained, grads)
+        shrink_weights(self.params, options.weight_decay)
+        for p in self.params:
+            p.grad = None
+        return loss_sum.detach(), grad_norm.detach(), finite, detach_state(new_state)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, state: State, eager: Callable[[], StepResult]) -> StepResult:
+        lr = self.optimizer.param_groups[0]["lr"]
+        if lr != self.lr_value:  # once per epoch: a kernel on the stream, no host sync
+            self.lr.fill_(lr)
+            self.lr_value = lr
+        inputs = [x, y, *(t for pair in detach_state(state) for t in pair)]
+        out = self.graphs.run(inputs, eager)
+        if isinstance(out, StepResult):
+            return out
+        loss_sum, grad_norm, finite, new_state = out
+        return StepResult(loss_sum, grad_norm, finite, new_state, True)
+
+
+# {model: {(optimizer, step options): GraphedStep}}: a run's graphs outlive each train_epoch call
+_GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graphs_not_applicable(
+    device: torch.device, optimizer: torch.optim.Optimizer, options: StepOptions, objective: torch.nn.Module, copies: bool
+) -> str | None:
+    """Why the step cannot be replayed as a graph here, or None when it can."""
+    if not options.cuda_graphs or graphs_mode() == "off":
+        return "turned off (LM_CUDA_GRAPHS=0)" if graphs_mode() == "off" else "turned off for this loop"
+    if backend_for(device) is None:
+        return f"not a GPU ({device.type})"
+    if options.skip_nonfinite:
+        return "trainer.nonfinite=skip reads every step's loss on the host"
+    if isinstance(objective, torch.nn.parallel.DistributedDataParallel):
+        return "several processes (torchrun): DDP's gradient all-reduce is not captured"
+    if copies:
+        return "bf16 weight copies (CPU)"
+    groups = optimizer.param_groups
+    plain = isinstance(optimizer, torch.optim.SGD) and len(groups) == 1
+    if not plain or any(groups[0].get(k) for k in ("momentum", "weight_decay", "nesterov", "maximize", "dampening")):
+        return "an optimizer other than plain SGD with one parameter group"
+    return None
+
+
+def _graphed_step(
+    model: LSTMLanguageModel, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions, copies: bool
+) -> GraphedStep | None:
+    device = next(model.parameters()).device
+    if graphs_not_applicable(device, optimizer, options, objective, copies) is not None:
+        return None
+    steps = _GRAPHED.setdefault(model, {})
+    key = (id(optimizer), options)
+    graphed = steps.get(key)
+    if graphed is None or graphed.optimizer is not optimizer:
+        graphed = steps[key] = GraphedStep(objective, list(model.parameters()), optimizer, options, backend_for(device))
+    return graphed
+
+
+def graphs_status(model: LSTMLanguageModel) -> dict[str, Any] | None:
+    """What the step's graphs did for ``model`` in this process (None: no step was ever graphed):
+    replays, eager steps, captured shapes, a failure and its reason."""
+    steps = _GRAPHED.get(model)
+    if not steps:
+        return None
+    statuses = [graphed.graphs.status() for graphed in steps.values()]
+    return statuses[0] if len(statuses) == 1 else {"per_step_options": statuses}
+
+
 def train_epoch(
     model: LSTMLanguageModel,
     windows: list[tuple[torch.Tensor, torch.Tensor]],
@@ -196,7 +301,9 @@ def train_epoch(
 
     Stops at the end of the windows, after ``loop.max_steps`` steps of this call, or at the first
     step boundary after ``loop.should_stop()`` turns true. The host syncs only every
-    ``loop.log_every`` steps (and per step with ``options.skip_nonfinite``). Short form for scripts
+    ``loop.log_every`` steps (and per step with ``options.skip_nonfinite``); with the step replayed
+    as a CUDA graph, only at the end (the non-finite check and ``loop.on_log``'s scalars, each
+    still of its step, are read then). Short form for scripts
     and tests: a number as ``options`` is its ``max_grad_norm``, and a field of either object can be
     given by name, e.g. ``train_epoch(model, windows, opt, 5.0, autocast_dtype=torch.bfloat16)``.
     """
@@ -211,6 +318,8 @@ def train_epoch(
     norm_sum = torch.tensor(progress.norm_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step, or -1
     use_copies = options.weight_copies and applies(model, optimizer, objective, options.autocast_dtype)
+    graphed = _graphed_step(model, objective, optimizer, options, use_copies)
+    logged: list[tuple[int, torch.Tensor, int, torch.Tensor]] = []  # graphed: step scalars read at the end, not mid-epoch
     steps_here, start = 0, time.perf_counter()
     with WeightCopies(model) if use_copies else contextlib.nullcontext() as copies:
         while progress.window < len(windows) and loop.keeps_going(steps_here):
@@ -219,7 +328,12 @@ def train_epoch(
             progress.steps += 1
             steps_here += 1
             step = loop.step_offset + steps_here
-            result = train_step(objective, params, optimizer, x, y, state, options, copies)
+            if graphed is not None:
+                result = graphed(
+                    x, y, state, lambda x=x, y=y, state=state: train_step(objective, params, optimizer, x, y, state, options)
+                )
+            else:
+                result = train_step(objective, params, optimizer, x, y, state, options, copies)
             state = result.state
             if not result.applied:
                 progress.skipped += 1
@@ -231,14 +345,20 @@ def train_epoch(
             fault_point("step", step)
             if loop.bar is not None:
                 loop.bar.update(y.numel())
-            if steps_here % loop.log_every == 0:
+            if steps_here % loop.log_every == 0 and graphed is not None:  # no host sync inside a graphed epoch:
+                if loop.on_log is not None:  # its checks and step scalars are read at its end
+                    logged.append((step, nll.clone(), progress.tokens, result.grad_norm.clone()))
+            elif steps_here % loop.log_every == 0:
                 _raise_if_nonfinite(first_bad, loop.epoch)
                 if loop.on_log is not None:
                     loop.on_log(step, float(nll) / max(progress.tokens, 1), float(result.grad_norm))
     _raise_if_nonfinite(first_bad, loop.epoch)
+    for step, nll_then, tokens_then, norm_then in logged:
+        loop.on_log(step, float(nll_then) / max(tokens_then, 1), float(norm_then))
     progress.nll, progress.norm_sum = float(nll), float(norm_sum)
     progress.seconds += time.perf_counter() - start
-    progress.state = detach_state(state)
+    # a graph's output buffers are rewritten by its next replay: the carried state is copied out
+    progress.state = [(h.clone(), c.clone()) for h, c in detach_state(state)] if graphed is not None else detach_state(state)
     return progress
 
 
