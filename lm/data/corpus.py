@@ -24,7 +24,7 @@ import torch
 
 from lm.data.corpora import DATA_DIR_ENV, SPLITS, CorpusLayout, layout_in
 from lm.infra.errors import DataError
-from lm.infra.outputs import atomic_write
+from lm.infra.outputs import atomic_write, os_error_in
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ def _read_lines(files: dict[str, Path], digest: str) -> dict[str, list[str]]:
         ds = datasets.load_dataset("text", data_files={s: str(p) for s, p in files.items()}, description=f"content-{digest}")
         return {s: ds[s]["text"] for s in files}
     except Exception as err:  # not installed, or unusable here (datasets 5 needs pyarrow >= 24): the files are checked already
+        if os_error_in(err) is not None:  # a full disk or a read-only cache is the machine's, not datasets': say so
+            raise
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         log.info("HF datasets unavailable (%s): reading the corpus with plain Python, the same lines", reason)
         return {s: read_lines(p) for s, p in files.items()}
