@@ -185,6 +185,14 @@ def test_build_name_depends_on_the_source_and_the_cpu(monkeypatch):
     assert kernels.build_name() != name and kernels.build_name().startswith("lm_fused_")
 
 
+def test_build_name_depends_on_the_torch_install(monkeypatch):
+    """Two environments (two torch installs) sharing one extension folder build apart, instead of
+    rewriting one build file with their own header paths and rebuilding on every run."""
+    name = kernels.build_name()
+    monkeypatch.setattr(kernels.torch, "__file__", "/another/venv/site-packages/torch/__init__.py")
+    assert kernels.build_name() != name
+
+
 def test_every_checkout_builds_from_one_copy_of_the_source(tmp_path, monkeypatch):
     """The build reads the source from its own folder, written once: a second checkout (another path,
     the same source) finds the build up to date instead of rebuilding it under the first one's runs."""

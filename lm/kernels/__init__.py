@@ -62,8 +62,10 @@ def cpu_info() -> dict[str, str]:
 
 
 def build_name() -> str:
-    """One extension name per source, flags, torch version and CPU: a change to any rebuilds."""
-    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, _cpu_flags()])
+    """One extension name per source, flags, torch version and install, and CPU: a change to any
+    rebuilds. The install's folder is part of it because the build file names torch's headers there:
+    two environments sharing one extension folder would otherwise rebuild each other's on every run."""
+    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, str(Path(torch.__file__).parent), _cpu_flags()])
     return "lm_fused_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
