@@ -1,361 +1,76 @@
-"""Every row of Table 1 in one command: ``python -m lm.reproduce`` (``make reproduce``).
+"""``python -m lm.reproduce`` (``make reproduce``): every row of Table 1 in one command.
 
-The paper's rows need many runs: 10 small models (single and averages of 2, 5 and 10),
-3 medium (mean ± std, averages of 2 and 3), a large one, and Gal & Ghahramani's
-variational medium model (standard and Monte Carlo dropout evaluation). This command
-plans them as steps (train, average, evaluate), runs the steps whose inputs are ready,
-``--jobs`` at a time, and prints the table of what is done. Each step is skipped when
-its result file exists and continues from its checkpoint when it does not
-(``trainer.resume=auto``), so the same command picks up after a stop, a crash or a
-new session, however often. A stop signal is passed to the running steps, which
-checkpoint, and ends the command with 128 + signal.
+The paper's rows need many runs: 10 small models (single and averages of 2, 5 and 10), 3 medium
+(mean ± std, averages of 2 and 3), a large one, and Gal & Ghahramani's variational medium model
+(standard and Monte Carlo dropout evaluation); ``--parts placement`` adds the paper's argument at
+the medium size. The plan (``lm.engine.reproduction``) runs the steps whose inputs are ready,
+``--jobs`` at a time, continues where a stop, a crash or a new session left it, and ends with the
+table of what is done. ``--estimate`` prints the hours it would take here instead.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
-from lm.config import compose, validate
-from lm.infra.checkpoint import RunFolderLock
-from lm.infra.cli import ArgumentParser, check_output_folder, guarded, positive_int, quote_paths
+from lm.engine.reproduction import DEFAULT_PARTS, PARTS, SET_HERE, Report, bf16_where_native, check_train_args, reproduce
+from lm.infra.cli import ArgumentParser, guarded, positive_int
 from lm.infra.errors import UsageError
-from lm.infra.faults import TrainingInterrupted
 from lm.reporting.publish import claim_report, write_report
 
-PARTS = ("small", "medium", "large", "gal")
-# The paper's model averages per experiment (Table 1), capped by the models trained.
-AVERAGE_SIZES = {"zaremba_small": (2, 5, 10), "zaremba_medium": (2, 3)}
-POLL_SECONDS = 1.0
-# The training keys each step sets itself (--train-arg may not).
-SET_HERE = ("experiment", "trainer.seed", "trainer.resume", "trainer.threads", "trainer.progress", "hydra.run.dir")
+REPORT = Report(claim=claim_report, write=lambda root: write_report(root, plots=True, readme=None))
 
 
-@dataclass
-class Step:
-    """One command of the plan: done when ``result`` exists; runs once every step it ``needs`` is done."""
-
-    name: str
-    command: list[str]
-    result: Path
-    threads_arg: str  # how the command takes its thread count, e.g. "trainer.threads={}"
-    needs: list[str] = field(default_factory=list)
-    resumable: bool = False  # a training: a checkpoint in its folder is continued
-
-    @property
-    def done(self) -> bool:
-        return self.result.is_file()
-
-
-def _train(root: Path, experiment: str, seed: int, extra: list[str]) -> Step:
-    folder = root / experiment / f"seed-{seed}"
-    return Step(
-        f"train {experiment} seed {seed}",
-        [
-            sys.executable,
-            "-m",
-            "lm.train",
-            f"experiment={experiment}",
-            f"trainer.seed={seed}",
-            "trainer.resume=auto",
-            "trainer.progress=false",
-            f"hydra.run.dir={folder}",
-            *extra,
-        ],
-        folder / "metrics.json",
-        "trainer.threads={}",
-        resumable=True,
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m lm.reproduce", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="runs/table1", help="folder of every run, average and evaluation (default runs/table1)")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(DEFAULT_PARTS),
+        help="rows to reproduce (default: Table 1's, small medium large gal); placement: the medium recipe with "
+        "dropout on h_{t-1} too and with none, 39 epochs each",
     )
-
-
-def plan(
-    root: Path,
-    parts: list[str],
-    small_models: int,
-    medium_models: int,
-    mc_samples: int,
-    extra: list[str],
-    data_dir: str | None = None,
-) -> list[Step]:
-    """The steps for ``parts``, members before their averages, the variational run before its MC evaluation.
-    ``data_dir`` is the corpus folder for every step (default: each command's own, for PTB $LM_DATA_DIR or data/ptb)."""
-    if data_dir is not None:
-        extra = [*extra, f"data.dir={data_dir}"]
-    corpus = (
-        {"ensemble": ["--data-dir", data_dir], "evaluate": [f"data_dir={data_dir}"]}
-        if data_dir
-        else {"ensemble": [], "evaluate": []}
-    )
-    steps: list[Step] = []
-    counts = {
-        "small": ("zaremba_small", small_models),
-        "medium": ("zaremba_medium", medium_models),
-        "large": ("zaremba_large", 1),
-        "gal": ("gal_medium", 1),
-    }
-    for part in parts:
-        experiment, n = counts[part]
-        members = [_train(root, experiment, seed, extra) for seed in range(1, n + 1)]
-        steps += members
-        for size in (s for s in AVERAGE_SIZES.get(experiment, ()) if s <= n):
-            out = root / experiment / f"average-{size}"
-            steps.append(
-                Step(
-                    f"average {size} {experiment} models",
-                    [
-                        sys.executable,
-                        "-m",
-                        "lm.ensemble",
-                        *(str(m.result.parent / "checkpoint.pt") for m in members[:size]),
-                        "--out",
-                        str(out),
-                        "--no-members",
-                        *corpus["ensemble"],
-                    ],
-                    out / "ensemble.json",
-                    "--threads={}",
-                    needs=[m.name for m in members[:size]],
-                )
-            )
-        if part == "gal":
-            run = members[0].result.parent
-            steps.append(
-                Step(
-                    "evaluate gal_medium seed 1 with Monte Carlo dropout",
-                    [
-                        sys.executable,
-                        "-m",
-                        "lm.evaluate",
-                        f"checkpoint={run / 'checkpoint.pt'}",
-                        f"eval.mc_samples={mc_samples}",
-                        f"output={run / 'eval.json'}",
-                        *corpus["evaluate"],
-                    ],
-                    run / "eval.json",
-                    "threads={}",
-                    needs=[members[0].name],
-                )
-            )
-    return steps
-
-
-def status(step: Step, steps: dict[str, Step]) -> str:
-    """Where a step stands, in words."""
-    waits = [n for n in step.needs if not steps[n].done]
-    if step.done:
-        return "done"
-    if waits:
-        return f"waits for {len(waits)} of the {len(step.needs)} run(s) it needs"
-    if step.resumable and (step.result.parent / "checkpoint.pt").is_file():
-        return "continues from its checkpoint"
-    return "to run"
-
-
-@dataclass
-class Running:
-    step: Step
-    process: subprocess.Popen
-    log: object
-    started: float
-    cores: tuple[int, ...]  # the cores it is pinned to (empty: not pinned)
-
-
-def core_sets(jobs: int, threads: int) -> list[tuple[int, ...]]:
-    """One set of ``threads`` cores per job, disjoint, from the cores this process may use; [] where
-    there are too few of them or no way to pin (not Linux). Pinned, a job's threads never share a
-    core with another job's (measured on 2 cores: a 2-thread training that shares them with any
-    other process trains at about half its rate)."""
-    if jobs < 2 or not hasattr(os, "sched_setaffinity"):
-        return []
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < jobs * threads:
-        return []
-    return [tuple(cores[k * threads : (k + 1) * threads]) for k in range(jobs)]
-
-
-def execute(steps: list[Step], jobs: int, threads: int, logs: Path) -> list[str]:
-    """Run the steps not yet done, ``jobs`` at a time, each with ``threads`` torch threads on cores of
-    its own (``core_sets``); returns the names of the steps that failed (after a failure no new step
-    starts, the running ones finish). A stop signal is passed to the running steps (they
-    checkpoint), then raised as ``TrainingInterrupted``."""
-    by_name = {s.name: s for s in steps}
-    free = core_sets(jobs, threads)
-    todo = [s for s in steps if not s.done]
-    running: list[Running] = []
-    failed: list[str] = []
-    stop: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while todo or running:
-            if stop:
-                for r in running:
-                    r.process.send_signal(signal.SIGTERM)  # each training checkpoints, then exits
-                for r in running:
-                    r.process.wait()
-                    r.log.close()
-                raise TrainingInterrupted(
-                    stop[0],
-                    f"stopped by {signal.Signals(stop[0]).name}; the same command continues "
-                    f"({len(running)} step(s) checkpointed)",
-                )
-            for r in list(running):
-                code = r.process.poll()
-                if code is None:
-                    continue
-                running.remove(r)
-                r.log.close()
-                if r.cores:
-                    free.append(r.cores)
-                minutes = (time.perf_counter() - r.started) / 60
-                if code == 0 and r.step.done:
-                    print(f"done: {r.step.name} ({minutes:.1f} min)", flush=True)
-                else:
-                    failed.append(r.step.name)
-                    print(f"failed: {r.step.name} (exit {code}); its log: {logs / _log_name(r.step)}", flush=True)
-            ready = [s for s in todo if all(by_name[n].done for n in s.needs)]
-            while ready and len(running) < jobs and not failed:
-                step = ready.pop(0)
-                todo.remove(step)
-                running.append(_start(step, threads, logs, free.pop(0) if free else ()))
-            if not running and (failed or not ready):
-                break  # nothing runs, and nothing more may start
-            time.sleep(POLL_SECONDS)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return failed
-
-
-def _log_name(step: Step) -> str:
-    return step.name.replace(" ", "_") + ".log"
-
-
-def _start(step: Step, threads: int, logs: Path, cores: tuple[int, ...] = ()) -> Running:
-    command = [*step.command, step.threads_arg.format(threads)]
-    logs.mkdir(parents=True, exist_ok=True)
-    log = open(logs / _log_name(step), "a")
-    where = f", core{'s' if len(cores) > 1 else ''} {','.join(map(str, cores))}" if cores else ""
-    print(f"start: {step.name} ({threads} thread{'s' if threads > 1 else ''}{where})", flush=True)
-    # its own session: a terminal's Ctrl-C reaches this command only, which passes SIGTERM on once
-    process = subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=functools.partial(_in_child, cores) if sys.platform == "linux" else None,
-    )
-    return Running(step, process, log, time.perf_counter(), cores)
-
-
-def _in_child(cores: tuple[int, ...]) -> None:
-    """In the child, before it runs: pinned to its cores, if any; and SIGTERM (checkpoint and exit)
-    when this command dies, even by SIGKILL, so that no training runs on unwatched, holding its
-    folder's lock (Linux's prctl)."""
-    if cores:
-        os.sched_setaffinity(0, cores)
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def reproduce(
-    root: Path,
-    parts: list[str],
-    jobs: int,
-    small_models: int,
-    medium_models: int,
-    mc_samples: int,
-    extra: list[str],
-    data_dir: str | None = None,
-    dry_run: bool = False,
-) -> int:
-    """Plan, run what is left, print the table; 0 when every step is done, 1 when one failed. One
-    command at a time per ``root`` (a second one is refused in one line)."""
-    check_output_folder(root, "--root")
-    claim_report(root)  # the table it ends with replaces no README.md or plot that the report did not write
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(f"--data-dir: {data_dir} is not a folder: give the corpus folder (for PTB, the one with ptb.train.txt)")
-    if dry_run:
-        return _show_plan(root, plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir), jobs)
-    with RunFolderLock(root):
-        return _run_plan(root, plan(root, parts, small_models, medium_models, mc_samples, extra, data_dir), jobs)
-
-
-def _show_plan(root: Path, steps: list[Step], jobs: int) -> int:
-    by_name = {s.name: s for s in steps}
-    print(f"{len(steps)} steps in {root} ({sum(s.done for s in steps)} done); {jobs} at a time, {_threads(jobs)} thread(s) each")
-    for step in steps:
-        print(f"  {step.name}: {status(step, by_name)}")
-    return 0
-
-
-def _threads(jobs: int) -> int:
-    """Each step's share of the cores this process may use (``taskset`` and cgroups included)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // jobs)
-
-
-def _run_plan(root: Path, steps: list[Step], jobs: int) -> int:
-    """The steps left, then the table; 0 when every step is done, 1 otherwise."""
-    _show_plan(root, steps, jobs)
-    failed = execute(steps, jobs, _threads(jobs), root / "logs")
-    print(write_report(root, plots=True, readme=None))
-    left = [s.name for s in steps if not s.done]
-    if left:
-        print(
-            f"not done: {', '.join(left)}" + (f" (failed: {', '.join(failed)}; logs in {root / 'logs'})" if failed else ""),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def check_train_args(parts: list[str], extra: list[str], data_dir: str | None) -> None:
-    """Each training's config composed and checked with the --train-arg overrides before the first
-    step (a bad one would otherwise surface only in a step's log)."""
-    experiments = {"small": "zaremba_small", "medium": "zaremba_medium", "large": "zaremba_large", "gal": "gal_medium"}
-    data = [f"data.dir={data_dir}"] if data_dir else []
-    for part in parts:
-        try:
-            cfg = compose("train", quote_paths([f"experiment={experiments[part]}", *extra, *data]), return_hydra_config=True)
-            validate({key: cfg[key] for key in cfg if key != "hydra"})
-        except (ValueError, HydraException, OmegaConfBaseException) as err:
-            raise UsageError(f"--train-arg: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m lm.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs/table1", help="folder of every run, average and evaluation (default runs/table1)")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="rows to reproduce (default: all)")
-    parser.add_argument("--jobs", type=positive_int, default=1, help="steps at once; the cores are shared among them")
-    parser.add_argument(
-        "--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5 and 10)"
-    )
-    parser.add_argument(
-        "--medium-models", type=positive_int, default=3, help="medium models trained (mean ± std; averages of 2 and 3)"
-    )
-    parser.add_argument(
-        "--mc-samples", type=positive_int, default=100, help="Monte Carlo dropout samples for the variational model"
-    )
-    parser.add_argument(
+    p.add_argument("--jobs", type=positive_int, default=1, help="steps at once; the cores are shared among them")
+    p.add_argument("--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5, 10)")
+    p.add_argument("--medium-models", type=positive_int, default=3, help="medium models trained (mean ± std; averages of 2, 3)")
+    p.add_argument("--mc-samples", type=positive_int, default=100, help="Monte Carlo dropout samples for the variational model")
+    p.add_argument(
         "--train-arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="an override added to every training, e.g. trainer.precision=bf16 (repeatable)",
     )
-    parser.add_argument("--data-dir", help="the corpus folder for every step (default for PTB: $LM_DATA_DIR, else data/ptb)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and what is done, run nothing")
-    args = parser.parse_args(argv)
+    p.add_argument("--data-dir", help="the corpus folder for every step (default for PTB: $LM_DATA_DIR, else data/ptb)")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="only the steps whose name matches, as --dry-run lists them ('*' for any text), e.g. 'train "
+        "zaremba_medium *' or 'average*' (repeatable); to run, each step they need must be done or selected",
+    )
+    p.add_argument(
+        "--bf16-where-native",
+        action="store_true",
+        help="train in bf16 where this machine multiplies bf16 natively (AVX512-BF16, AMX, Arm BF16, a GPU with "
+        "native bf16), each recipe's precision (fp32) elsewhere; off by default, as the paper trains in fp32 "
+        "(the committed medium runs trained in bf16; results/precision/ compares the two)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and what is done, run nothing")
+    mode.add_argument(
+        "--estimate",
+        action="store_true",
+        help="time a few windows of each step's training and evaluation here (under 3 min on 2 cores), in "
+        "the precision it would use, and print the hours per row, in all and left; run nothing",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
 
     def body() -> None:
         for arg in args.train_arg:
@@ -363,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise UsageError(
                     f"--train-arg {arg!r}: give KEY=VALUE, a key other than {', '.join(SET_HERE)} (this command sets them)"
                 )
-        check_train_args(args.parts, args.train_arg, args.data_dir)
+        extra = [*args.train_arg, *(bf16_where_native(args.train_arg) if args.bf16_where_native else [])]
+        check_train_args(args.parts, extra, args.data_dir)
         code = reproduce(
             Path(args.root),
             args.parts,
@@ -371,9 +87,12 @@ def main(argv: list[str] | None = None) -> None:
             args.small_models,
             args.medium_models,
             args.mc_samples,
-            args.train_arg,
+            extra,
             args.data_dir,
             args.dry_run,
+            args.only,
+            args.estimate,
+            REPORT,
         )
         if code:
             raise SystemExit(code)

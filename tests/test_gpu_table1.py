@@ -21,7 +21,7 @@ import gpu_table1  # noqa: E402
 
 def test_the_plan_names_the_steps_and_folders_lm_reproduce_runs(tmp_path):
     """The summary reads each step's files where lm.reproduce puts them: the two must not drift apart."""
-    from lm.reproduce import plan
+    from lm.engine.reproduction import plan
 
     for part in gpu_table1.PARTS:
         steps = plan(tmp_path / part.name, [part.name], small_models=10, medium_models=3, mc_samples=100, extra=[])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lm import reproduce as reproduce_module
-from lm.reproduce import Step, core_sets, execute, plan, reproduce, status
+from lm.engine import reproduction as reproduce_module
+from lm.engine.reproduction import Step, core_sets, execute, plan, reproduce, status
+from lm.reproduce import REPORT
 
 from helpers import REPO
 
@@ -57,7 +58,7 @@ def test_a_step_is_done_by_its_result_and_a_training_continues_from_its_checkpoi
 @pytest.mark.slow
 def test_small_averages_and_the_variational_mc_evaluation_run_to_the_table(tiny_corpus: Path, tmp_path: Path, capsys):
     root = tmp_path / "table1"
-    code = reproduce(root, ["small", "gal"], 2, 2, 1, 2, TINY, str(tiny_corpus))
+    code = reproduce(root, ["small", "gal"], 2, 2, 1, 2, TINY, str(tiny_corpus), report=REPORT)
     out = capsys.readouterr().out
     assert code == 0, out
     for folder in ("zaremba_small/seed-1", "zaremba_small/seed-2", "gal_medium/seed-1"):
