@@ -24,7 +24,7 @@ import torch
 
 from lm.data.corpora import DATA_DIR_ENV, SPLITS, CorpusLayout, layout_in
 from lm.infra.errors import DataError
-from lm.infra.outputs import atomic_write, os_error_in
+from lm.infra.outputs import atomic_write, file_digest, os_error_in
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ UNK = "<unk>"
 
 
 # ---------------------------------------------------------------- files
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, dest: Path) -> None:
@@ -64,7 +56,7 @@ def verify(layout: CorpusLayout, folder: Path) -> None:
                 f"{path} is missing: run `make data`, or point data.dir / ${DATA_DIR_ENV} "
                 f"at a folder with the {layout.label} files"
             )
-        actual = md5sum(path)
+        actual = file_digest(path, "md5")
         if actual != expected:
             raise DataError(
                 f"{path} has MD5 {actual}, expected {expected} (corrupt or truncated): delete it and run `make data` again"

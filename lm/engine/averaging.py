@@ -9,7 +9,6 @@ under both evaluation protocols. Writes ``DIR/ensemble.json`` and
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -30,7 +29,16 @@ from lm.engine.runtime import (
     select_device,
 )
 from lm.infra.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from lm.infra.outputs import Output, atomic_write_json, atomic_write_text, check_output_folder, claim, json_of, text_starting
+from lm.infra.outputs import (
+    Output,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    claim,
+    file_digest,
+    json_of,
+    text_starting,
+)
 from lm.infra.schema import ENSEMBLE
 
 ENSEMBLE_NAME = "ensemble.json"
@@ -51,14 +59,6 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def refuse_duplicates(checkpoints: list[Path]) -> None:
     """Refuse a checkpoint given twice: by its path (links and folders included) or by its content (a
     copy), since an average of a model with itself is reported as two models."""
@@ -74,7 +74,7 @@ def refuse_duplicates(checkpoints: list[Path]) -> None:
     for paths in (group for group in by_size.values() if len(group) > 1):  # only files of one size can be copies
         digests: dict[str, Path] = {}
         for path in paths:
-            digest = _digest(path)
+            digest = file_digest(path)
             if digest in digests:
                 raise CheckpointError(
                     f"{path} holds the same model as {digests[digest]} (a copy, byte for byte): an average needs distinct models"
