@@ -201,6 +201,7 @@ def test_the_table_has_a_row_per_kind_of_step_with_its_runs_precision_and_hours(
     assert bf16.bf16_left_seconds is None
 
 
+@pytest.mark.full  # about 80 s here: each shape's timing runs the real step
 def test_the_estimate_times_the_real_step_once_per_shape_and_runs_nothing(tiny_corpus: Path, tmp_path: Path, capsys, monkeypatch):
     for name, value in (("TRAIN_SECONDS", 0.05), ("EVAL_SECONDS", 0.02), ("WARMUP_WINDOWS", 1)):
         monkeypatch.setattr(estimate_module, name, value)
