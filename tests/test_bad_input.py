@@ -317,6 +317,7 @@ def test_bad_data_runs_and_checkpoints(case, build, message, world, tmp_path, mo
 
 
 @pytest.mark.parametrize("name, message", [("truncated", "ptb.valid.txt has MD5"), ("md5", "ptb.valid.txt has MD5")])
+@pytest.mark.full
 def test_corrupt_ptb_files(name, message, world, tmp_path, monkeypatch, capsys):
     if name not in world["ptb"]:
         pytest.skip("needs the real PTB (LM_DATA_DIR)")

@@ -428,6 +428,7 @@ def test_overwrite_removes_only_what_the_replaced_run_wrote(w, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+@pytest.mark.full
 def test_written_files_take_the_umask(mask, mode, w, tmp_path, monkeypatch, capsys):
     """Every file was written 0600 (mkstemp's mode), whatever the umask."""
     previous = os.umask(mask)
@@ -813,6 +814,7 @@ def test_a_batching_change_from_a_mid_epoch_checkpoint_is_refused(case, change, 
 
 
 @pytest.mark.parametrize("change", ["data.batch_size=2", "data.bptt=7"])
+@pytest.mark.full
 def test_a_batching_change_at_an_epoch_boundary_trains_whole_epochs(change, w, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "full"
     shutil.copytree(w["full"], folder)
@@ -924,6 +926,7 @@ def test_a_resume_on_other_kernels_is_refused(w, tmp_path, monkeypatch, capsys, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.full
 def test_a_resume_on_other_kernels_goes_on_when_allowed_and_is_recorded(w, tmp_path, monkeypatch, capsys, no_fused):
     folder = tmp_path / "mid"
     shutil.copytree(w["mid"], folder)
