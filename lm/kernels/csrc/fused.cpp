@@ -7,6 +7,12 @@
 // The forward and backward of PyTorch's own formulation launch about 8 and 15 ops per
 // step; here each is one loop in which the data stays in registers.
 //
+// gru_forward / gru_backward: the same for a GRU layer (gate order r, z, n as nn.GRU): one
+// [B, H] x [H, 3H] product and one element-wise pass per step. The mask on h_{t-1} is on the
+// product's input only; the interpolation z * h_{t-1} uses the unmasked h_{t-1} (Gal &
+// Ghahramani's GRU). b_hn is an input of its own (it sits inside the reset product); the caller
+// folds b_hr and b_hz into x_proj.
+//
 // linear_nll_forward: the decoder product and the summed cross-entropy in one go. The
 // logits are written once by the product; one pass per row turns them, in place, into
 // d loss / d logits (softmax - one-hot), so the backward is two products.
@@ -19,7 +25,7 @@
 // (seed, element index), so the backward regenerates it from the seed (nothing stored)
 // and any thread count draws the same mask.
 //
-// Layout: x_proj [B, T, 4H] and the outputs [B, T, H] are batch-first as the model
+// Layout: x_proj [B, T, 4H] (3H for the GRU) and the outputs [B, T, H] are batch-first as the model
 // holds them; h_in (the product inputs) [B, T, H] and the gate gradients [B, T, 4H]
 // are batch-first too so that the weight gradient is one product over all steps.
 // Gate order i, f, g, o as nn.LSTM. Element-wise math is fp32; "compute" is the
@@ -354,6 +360,256 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& d_out, const at::Tensor&
   return lstm_backward_impl<float>(d_o, d_h_last, d_c_last, acts, cells, tanh_c, h_in, w, h_mask);
 }
 
+// ---------------------------------------------------------------- GRU
+
+// One batch row of one GRU forward step: gh = W_hh h_in (the step's product, no bias), x the input
+// projection with b_hr, b_hz folded in; b_hn stays inside the reset product. h_prev is h_{t-1}
+// unmasked (the mask is only on the product's input). Writes r, z, n, gh_n = W_hn h_in + b_hn and h_t.
+template <typename scalar_t>
+void gru_forward_row(int64_t H, const scalar_t* __restrict x_row, const scalar_t* __restrict gh_row,
+                     const float* __restrict b_hn, const float* __restrict h_prev, float* __restrict a,
+                     float* __restrict ghn_row, float* __restrict h_row) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const float r = fast_sigmoid(to_float(x_row[j]) + to_float(gh_row[j]));
+    const float z = fast_sigmoid(to_float(x_row[H + j]) + to_float(gh_row[H + j]));
+    const float ghn = to_float(gh_row[2 * H + j]) + b_hn[j];
+    const float n = fast_tanh(to_float(x_row[2 * H + j]) + r * ghn);
+    a[j] = r;
+    a[H + j] = z;
+    a[2 * H + j] = n;
+    ghn_row[j] = ghn;
+    h_row[j] = (1.0f - z) * n + z * h_prev[j];
+  }
+}
+
+// dh += rec * mask (rec, mask optional) + d_out (optional): d h_t gathered from the product of the
+// step above (through the mask h_t met on its way into it) and the layer's output, on top of what
+// dh holds already (the path through the step above's interpolation, z * dh).
+template <typename scalar_t>
+void accumulate_dh(int64_t H, const scalar_t* __restrict rec, const float* __restrict mask, const float* __restrict d_out,
+                   float* __restrict dh) {
+  if (rec != nullptr && mask != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] += to_float(rec[j]) * mask[j];
+  } else if (rec != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] += to_float(rec[j]);
+  }
+  if (d_out != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[j] += d_out[j];
+  }
+}
+
+// One batch row of one GRU backward step, given d h_t (all paths summed) in dh: writes d x_proj
+// [dr, dz, dn] and d gh [dr, dz, dn * r] (pre-activations), adds d gh_n to the row's d b_hn, and
+// leaves in dh the part of d h_{t-1} that skips the product (dh * z).
+template <typename scalar_t>
+void gru_backward_row(int64_t H, float* __restrict dh, const float* __restrict a, const float* __restrict ghn,
+                      const float* __restrict h_prev, scalar_t* __restrict dx, scalar_t* __restrict dgh,
+                      float* __restrict d_bhn) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const float r = a[j], z = a[H + j], n = a[2 * H + j];
+    const float d = dh[j];
+    const float dz = d * (h_prev[j] - n) * z * (1.0f - z);
+    const float dn = d * (1.0f - z) * (1.0f - n * n);
+    const float d_ghn = dn * r;
+    const float dr = dn * ghn[j] * r * (1.0f - r);
+    const scalar_t dr_c = from_float<scalar_t>(dr), dz_c = from_float<scalar_t>(dz);
+    dx[j] = dr_c;
+    dx[H + j] = dz_c;
+    dx[2 * H + j] = from_float<scalar_t>(dn);
+    dgh[j] = dr_c;
+    dgh[H + j] = dz_c;
+    dgh[2 * H + j] = from_float<scalar_t>(d_ghn);
+    d_bhn[j] += d_ghn;
+    dh[j] = d * z;
+  }
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> gru_forward_impl(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
+                                         const at::Tensor& b_hn, const c10::optional<at::Tensor>& h_mask) {
+  const int64_t B = x_proj.size(0), T = x_proj.size(1), H3 = x_proj.size(2), H = H3 / 3;
+  const auto f32 = x_proj.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({B, T, H}, f32);
+  at::Tensor h_in = at::empty({B, T, H}, x_proj.options());
+  at::Tensor acts = at::empty({T, B, H3}, f32);  // r, z, n
+  at::Tensor gh_n = at::empty({T, B, H}, f32);   // W_hn h_in + b_hn
+  const StepProduct product(w_hh, B);
+
+  const bool has_mask = h_mask.has_value() && h_mask->defined();
+  const bool mask_per_step = has_mask && h_mask->dim() == 3;
+  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+  auto mask_at = [&](int64_t t) -> const float* {
+    return mask == nullptr ? nullptr : mask + (mask_per_step ? t * B * H : 0);
+  };
+
+  scalar_t* h_in_p = data<scalar_t>(h_in);
+  at::Tensor step_in = at::empty({B, H}, x_proj.options());  // h_in[:, t], contiguous for the product
+  scalar_t* step_in_p = data<scalar_t>(step_in);
+  const float* h0p = h0.data_ptr<float>();
+  {  // h_in[:, 0] = h0 * mask_0
+    const float* m = mask_at(0);
+    for (int64_t b = 0; b < B; ++b) {
+      masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
+      std::memcpy(step_in_p + b * H, h_in_p + b * T * H, H * sizeof(scalar_t));
+    }
+  }
+  const scalar_t* xp = data<scalar_t>(x_proj);
+  const float* bp = b_hn.data_ptr<float>();
+  float* actp = acts.data_ptr<float>();
+  float* ghnp = gh_n.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor gh = product(step_in);  // [B, 3H]
+    const scalar_t* ghp = data<scalar_t>(gh);
+    const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
+    at::parallel_for(0, B, grain(H3), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* h_row = outp + (b * T + t) * H;
+        const float* h_prev = t == 0 ? h0p + b * H : h_row - H;
+        gru_forward_row<scalar_t>(H, xp + (b * T + t) * H3, ghp + b * H3, bp, h_prev, actp + (t * B + b) * H3,
+                                  ghnp + (t * B + b) * H, h_row);
+        if (t + 1 < T) {
+          scalar_t* next = h_in_p + (b * T + t + 1) * H;
+          masked_copy<scalar_t>(H, h_row, m_next ? m_next + b * H : nullptr, next);
+          std::memcpy(step_in_p + b * H, next, H * sizeof(scalar_t));
+        }
+      }
+    });
+  }
+  at::Tensor h_last = out.select(1, T - 1).clone();
+  return {out, h_last, acts, gh_n, h_in};
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> gru_backward_impl(const at::Tensor& d_out, const at::Tensor& d_h_last, const at::Tensor& acts,
+                                          const at::Tensor& gh_n, const at::Tensor& h_in, const at::Tensor& out,
+                                          const at::Tensor& h0, const at::Tensor& w_hh,
+                                          const c10::optional<at::Tensor>& h_mask) {
+  const int64_t T = acts.size(0), B = acts.size(1), H3 = acts.size(2), H = H3 / 3;
+  at::Tensor d_x = at::empty({B, T, H3}, h_in.options());   // grad of x_proj, in the product dtype
+  at::Tensor d_gh = at::empty({B, T, H3}, h_in.options());  // grad of W_hh h_in (+ b_hn), for the weight's product
+  at::Tensor d_bhn_rows = at::zeros({B, H}, acts.options());  // d b_hn per batch row (one thread each), summed after
+  at::Tensor dh_rec;                                          // d h_in from the recurrent product
+  const StepProduct product(w_hh.t(), B);                     // dgh @ w_hh
+  at::Tensor step_dg = at::empty({B, H3}, h_in.options());    // d_gh[:, t], contiguous for the product
+  scalar_t* step_dg_p = data<scalar_t>(step_dg);
+  at::Tensor dh = d_h_last.clone();  // d h_t, built up across the paths; after a step, the part of d h_{t-1} via z
+  const bool has_mask = h_mask.has_value() && h_mask->defined();
+  const bool mask_per_step = has_mask && h_mask->dim() == 3;
+  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+
+  const float* d_outp = d_out.defined() ? d_out.data_ptr<float>() : nullptr;
+  const float* actp = acts.data_ptr<float>();
+  const float* ghnp = gh_n.data_ptr<float>();
+  const float* outp = out.data_ptr<float>();
+  const float* h0p = h0.data_ptr<float>();
+  scalar_t* dxp = data<scalar_t>(d_x);
+  scalar_t* dghp = data<scalar_t>(d_gh);
+  float* dbp = d_bhn_rows.data_ptr<float>();
+  const scalar_t* dhrp = nullptr;
+  float* dhp = dh.data_ptr<float>();
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const bool have_rec = t < T - 1;
+    // the mask that multiplied h_t on its way into step t + 1's product
+    const float* m = (mask == nullptr || !have_rec) ? nullptr : mask + (mask_per_step ? (t + 1) * B * H : 0);
+    at::parallel_for(0, B, grain(H3), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* dh_b = dhp + b * H;
+        accumulate_dh<scalar_t>(H, have_rec ? dhrp + b * H : nullptr, m ? m + b * H : nullptr,
+                                d_outp ? d_outp + (b * T + t) * H : nullptr, dh_b);
+        const float* h_prev = t == 0 ? h0p + b * H : outp + (b * T + t - 1) * H;
+        gru_backward_row<scalar_t>(H, dh_b, actp + (t * B + b) * H3, ghnp + (t * B + b) * H, h_prev,
+                                   dxp + (b * T + t) * H3, dghp + (b * T + t) * H3, dbp + b * H);
+        std::memcpy(step_dg_p + b * H3, dghp + (b * T + t) * H3, H3 * sizeof(scalar_t));
+      }
+    });
+    dh_rec = product(step_dg);
+    dhrp = data<scalar_t>(dh_rec);
+  }
+  // d h0 = d h0 via z + (d h_in[:, 0] through the first product) * mask_0
+  at::Tensor d_h_in0 = dh_rec.to(at::kFloat);
+  if (has_mask) d_h_in0.mul_(mask_per_step ? (*h_mask)[0] : *h_mask);
+  at::Tensor dh0 = dh.add_(d_h_in0);
+  at::Tensor d_w = at::mm(d_gh.view({B * T, H3}).t(), h_in.view({B * T, H}));
+  return {d_x, dh0, d_w, d_bhn_rows.sum(0)};
+}
+
+// What the forward and the backward both take: h0 [B, H] fp32, w_hh [3H, H] in the product dtype, the mask.
+void check_gru_state(int64_t B, int64_t T, int64_t H, at::ScalarType compute, const at::Tensor& h0, const at::Tensor& w_hh,
+                     const c10::optional<at::Tensor>& h_mask) {
+  check(h0.device().is_cpu() && w_hh.device().is_cpu(), "CPU tensors only");
+  check(compute == at::kFloat || compute == at::kBFloat16, "fp32 or bf16 products");
+  check(h0.scalar_type() == at::kFloat && h0.is_contiguous(), "contiguous fp32 h0");
+  check(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "h0 must be [B, H]");
+  check(w_hh.scalar_type() == compute, "x_proj and w_hh in the same dtype");
+  check(w_hh.dim() == 2 && w_hh.size(0) == 3 * H && w_hh.size(1) == H, "w_hh must be [3H, H]");
+  if (h_mask.has_value() && h_mask->defined()) {
+    check(h_mask->device().is_cpu() && h_mask->scalar_type() == at::kFloat && h_mask->is_contiguous(),
+          "contiguous fp32 CPU mask");
+    const bool shared = h_mask->dim() == 2 && h_mask->size(0) == B && h_mask->size(1) == H;
+    const bool per_step = h_mask->dim() == 3 && h_mask->size(0) == T && h_mask->size(1) == B && h_mask->size(2) == H;
+    check(shared || per_step, "mask must be [B, H] or [T, B, H]");
+  }
+}
+
+void check_gru(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& b_hn,
+               const c10::optional<at::Tensor>& h_mask) {
+  check(x_proj.device().is_cpu() && b_hn.device().is_cpu(), "CPU tensors only");
+  check(x_proj.dim() == 3 && x_proj.size(2) % 3 == 0 && x_proj.size(2) > 0 && x_proj.size(1) > 0,
+        "x_proj must be [B, T, 3H] with T > 0 and H > 0");
+  check(x_proj.is_contiguous(), "contiguous x_proj");
+  const int64_t B = x_proj.size(0), T = x_proj.size(1), H = x_proj.size(2) / 3;
+  check(b_hn.scalar_type() == at::kFloat && b_hn.is_contiguous() && b_hn.dim() == 1 && b_hn.size(0) == H,
+        "b_hn must be [H], contiguous fp32");
+  check_gru_state(B, T, H, x_proj.scalar_type(), h0, w_hh, h_mask);
+}
+
+// x_proj [B, T, 3H] (compute dtype; W_ih x + b_ih + [b_hr, b_hz, 0]), h0 [B, H] fp32, w_hh [3H, H]
+// (compute dtype), b_hn [H] fp32, h_mask None, [B, H] or [T, B, H] fp32 (already scaled). Returns
+// out [B, T, H], h_last [B, H] (fp32) and what the backward needs: r, z, n [T, B, 3H] and gh_n [T, B, H]
+// (fp32), h_in [B, T, H] (compute dtype).
+std::vector<at::Tensor> gru_forward(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
+                                    const at::Tensor& b_hn, const c10::optional<at::Tensor>& h_mask) {
+  check_gru(x_proj, h0, w_hh, b_hn, h_mask);
+  const at::Tensor w = w_hh.contiguous();
+  if (x_proj.scalar_type() == at::kBFloat16) return gru_forward_impl<bf16_bits>(x_proj, h0, w, b_hn, h_mask);
+  return gru_forward_impl<float>(x_proj, h0, w, b_hn, h_mask);
+}
+
+// d_out [B, T, H] (None: the outputs reached no loss) and d_h_last [B, H]; then the forward's saved
+// tensors (acts, gh_n, h_in), its out (h_{t-1} of each step but the first) and its inputs h0, w_hh, h_mask.
+// Returns d x_proj [B, T, 3H] and d w_hh [3H, H] in the compute dtype, d h0 [B, H] and d b_hn [H] in fp32.
+std::vector<at::Tensor> gru_backward(const c10::optional<at::Tensor>& d_out, const at::Tensor& d_h_last, const at::Tensor& acts,
+                                     const at::Tensor& gh_n, const at::Tensor& h_in, const at::Tensor& out, const at::Tensor& h0,
+                                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
+  check(acts.dim() == 3 && acts.size(2) % 3 == 0 && acts.scalar_type() == at::kFloat && acts.is_contiguous(),
+        "acts must be the forward's [T, B, 3H] fp32");
+  const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 3;
+  check(gh_n.sizes() == at::IntArrayRef({T, B, H}) && gh_n.scalar_type() == at::kFloat && gh_n.is_contiguous(),
+        "gh_n must be the forward's [T, B, H] fp32");
+  check(h_in.sizes() == at::IntArrayRef({B, T, H}) && h_in.is_contiguous() && h_in.scalar_type() == w_hh.scalar_type(),
+        "h_in must be the forward's [B, T, H], in w_hh's dtype");
+  check(out.sizes() == at::IntArrayRef({B, T, H}) && out.scalar_type() == at::kFloat && out.is_contiguous(),
+        "out must be the forward's [B, T, H] fp32");
+  check(d_h_last.sizes() == at::IntArrayRef({B, H}), "d_h_last must be [B, H]");
+  const bool has_d_out = d_out.has_value() && d_out->defined();
+  check(!has_d_out || d_out->sizes() == at::IntArrayRef({B, T, H}), "d_out must be [B, T, H]");
+  check_gru_state(B, T, H, h_in.scalar_type(), h0, w_hh, h_mask);
+  const at::Tensor d_o = has_d_out ? d_out->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor d_h = d_h_last.to(at::kFloat).contiguous();
+  const at::Tensor w = w_hh.contiguous();
+  if (h_in.scalar_type() == at::kBFloat16)
+    return gru_backward_impl<bf16_bits>(d_o, d_h, acts, gh_n, h_in, out, h0, w, h_mask);
+  return gru_backward_impl<float>(d_o, d_h, acts, gh_n, h_in, out, h0, w, h_mask);
+}
+
 // ---------------------------------------------------------------- decoder + cross-entropy
 
 // One row of logits z: returns logsumexp(z) - z[y] and overwrites z with softmax(z) - onehot(y).
@@ -505,6 +761,8 @@ double bf16_sum_squares(const at::Tensor& g) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "LSTM layer over a window, forward");
   m.def("lstm_backward", &lstm_backward, "LSTM layer over a window, backward");
+  m.def("gru_forward", &gru_forward, "GRU layer over a window, forward");
+  m.def("gru_backward", &gru_backward, "GRU layer over a window, backward");
   m.def("dropout_forward", &dropout_forward, "x * mask / keep, the mask a hash of (seed, offset + index)");
   m.def("linear_nll_forward", &linear_nll_forward, "decoder product + summed cross-entropy, forward");
   m.def("sgd_bf16_copy", &sgd_bf16_copy, "w += alpha * g (g bf16), then copy = bf16(w), in one pass");
