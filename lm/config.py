@@ -33,6 +33,8 @@ VARIANT_RATES: dict[str, tuple[str, ...]] = {
     "none": (),
 }
 DROPOUT_VARIANTS = tuple(VARIANT_RATES)
+# The recurrent cells, each a module of lm/model/cells/ (tests/test_cells.py holds the two lists equal).
+CELLS = ("lstm", "gru")
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,7 @@ class ModelConfig:
     num_layers: int = MISSING
     dropout: float = MISSING
     init_scale: float = MISSING
+    cell: str = MISSING
     dropout_variant: str = MISSING
     dropout_embedding: float = MISSING
     dropout_input: float = MISSING
@@ -169,6 +172,7 @@ def validate_model(m: ModelConfig) -> None:
     for key in (*DROPOUT_RATES, "weight_drop"):
         value = getattr(m, key)
         _require(0.0 <= value < 1.0, f"model.{key}", "in [0, 1)", value)
+    _require(m.cell in CELLS, "model.cell", f"one of {CELLS}", m.cell)
     _require(m.dropout_variant in DROPOUT_VARIANTS, "model.dropout_variant", f"one of {DROPOUT_VARIANTS}", m.dropout_variant)
     _require(0.0 < m.init_scale <= 1.0, "model.init_scale", "in (0, 1]", m.init_scale)
     _refuse_dropout_that_lands_nowhere(m)

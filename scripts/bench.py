@@ -41,7 +41,7 @@ from lm.engine.evaluation import evaluate  # noqa: E402
 from lm.engine.runtime import fp32_products  # noqa: E402
 from lm.engine.step import graphs_status, train_epoch  # noqa: E402
 from lm.infra.checkpoint import atomic_write_json  # noqa: E402
-from lm.model.language_model import LSTMLanguageModel  # noqa: E402
+from lm.model.language_model import LanguageModel  # noqa: E402
 
 SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
 VOCAB, BATCH, LAYERS = 10_000, 20, 2  # the same in every recipe (recipe_shapes checks it)
@@ -153,7 +153,7 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device = CPU, reps: int = 10
 def step_gemms(hidden: int, bptt: int) -> list[tuple[str, int, int, int, int]]:
     """The matrix products of one training window of our step: (what, m, k, n, how many) for [m, k] x [k, n].
     Per layer the time loop does one thin [batch, H] x [H, 4H] product forward and one back per step; the rest
-    are one large product each over the window (lm/model/recurrence.py)."""
+    are one large product each over the window (lm/model/cells/lstm.py)."""
     tokens, h4 = BATCH * bptt, 4 * hidden
     return [
         ("input projections", tokens, hidden, h4, LAYERS),
@@ -198,7 +198,7 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
     windows = bptt_windows(batchify(stream, BATCH), bptt)[:windows_per_rep]
     tokens = sum(y.numel() for _, y in windows)
 
-    ours = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init).to(device)
+    ours = LanguageModel(VOCAB, hidden, LAYERS, dropout, init).to(device)
     opt = torch.optim.SGD(ours.parameters(), lr=1.0, foreach=True)
     ref = ReferenceLM(hidden, dropout).to(device)
     steps = {
@@ -251,7 +251,7 @@ def bench_size(name: str, windows_per_rep: int, reps: int, device: torch.device,
     }
 
 
-def host_syncs(model: LSTMLanguageModel, windows, opt) -> dict:
+def host_syncs(model: LanguageModel, windows, opt) -> dict:
     """Host synchronisations that torch reports during one training pass over ``windows``
     (no logging inside it): a fixed few at the end of the pass, none per step."""
     with warnings.catch_warnings(record=True) as caught:
@@ -281,7 +281,7 @@ def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dic
     tokens = sum(y.numel() for _, y in windows)
     timers = {}
     for name, (variant, rates) in VARIANT_RATES.items():
-        model = LSTMLanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates).to(device)
+        model = LanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
         timers[name] = lambda model=model, opt=opt: train_epoch(model, windows, opt, 5.0).seconds
     out = interleaved_rates(timers, tokens, reps)

@@ -230,7 +230,7 @@ def self_check(device_name: str) -> dict:
 
     from lm.data.batching import batchify, bptt_windows
     from lm.engine.step import StepOptions, graphs_status, train_epoch
-    from lm.model.language_model import LSTMLanguageModel
+    from lm.model.language_model import LanguageModel
 
     device = torch.device(device_name)
     count = 12 if device.type == "cuda" else 6  # a dry run's CPU: 3 warm-up steps, the capture, 2 more replays
@@ -239,7 +239,7 @@ def self_check(device_name: str) -> dict:
     models, nll = {}, {}
     for graphed in (False, True):
         torch.manual_seed(0)
-        model = LSTMLanguageModel(200, 64, 2, 0.0, 0.1).to(device)
+        model = LanguageModel(200, 64, 2, 0.0, 0.1).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
         progress = train_epoch(model, windows, opt, StepOptions(max_grad_norm=5.0, cuda_graphs=graphed))
         models[graphed], nll[graphed] = model, progress.nll

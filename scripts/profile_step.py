@@ -26,7 +26,7 @@ from lm.config import compose, validate  # noqa: E402
 from lm.data.batching import batchify, bptt_windows  # noqa: E402
 from lm.engine.step import train_epoch  # noqa: E402
 from lm.infra.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
-from lm.model.language_model import LSTMLanguageModel  # noqa: E402
+from lm.model.language_model import LanguageModel  # noqa: E402
 
 VOCAB = 10_000
 CATEGORIES = (
@@ -122,7 +122,7 @@ def profile_recipe(size: str, precision: str, steps: int) -> dict:
     batch, bptt = shape["batch"], shape["bptt"]
     stream = torch.randint(0, VOCAB, (batch * (bptt * (steps + 2) + 1),))
     windows = bptt_windows(batchify(stream, batch), bptt)[:steps]
-    model = LSTMLanguageModel(VOCAB, shape["hidden"], shape["layers"], shape["dropout"], shape["init"])
+    model = LanguageModel(VOCAB, shape["hidden"], shape["layers"], shape["dropout"], shape["init"])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
     autocast = torch.bfloat16 if precision == "bf16" else None
 

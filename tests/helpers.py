@@ -43,24 +43,24 @@ def tiny_overrides(corpus: Path, *extra: str) -> list[str]:
 
 
 def record_layer_calls(monkeypatch) -> list[tuple]:
-    """Every training-time run of a layer's time loop: (layer, input, state, h_mask, output)."""
-    import lm.model.language_model
+    """Every training-time run of a cell's own time loop: (layer, input, state, h_mask, output)."""
+    from lm.model.cells import CELLS
 
     calls = []
-    real = lm.model.language_model.lstm_window
+    for cell in CELLS.values():
 
-    def recording(layer, x, state, h_mask=None, w_hh=None):
-        result = real(layer, x, state, h_mask=h_mask, w_hh=w_hh)
-        calls.append((layer, x.detach(), state, h_mask, result[0].detach()))
-        return result
+        def recording(layer, x, state, h_mask=None, w_hh=None, real=cell.window):
+            result = real(layer, x, state, h_mask=h_mask, w_hh=w_hh)
+            calls.append((layer, x.detach(), state, h_mask, result[0].detach()))
+            return result
 
-    monkeypatch.setattr(lm.model.language_model, "lstm_window", recording)
+        monkeypatch.setattr(cell, "window", recording)
     return calls
 
 
 def reference_lstm(layer, x, state, h_masks):
     """The LSTM equations step by step, with h_masks[t] on h_{t-1} (gate order i, f, g, o):
-    what nn.LSTM and lm.model.recurrence must compute. Returns (outputs, (h, c)) like nn.LSTM."""
+    what nn.LSTM and the LSTM cell's own loop (lm.model.cells.lstm) must compute. Returns (outputs, (h, c)) like nn.LSTM."""
     import torch
     from torch import nn
 
@@ -75,3 +75,32 @@ def reference_lstm(layer, x, state, h_masks):
         h = torch.sigmoid(o) * torch.tanh(c)
         outputs.append(h)
     return torch.stack(outputs, 1), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+class LSTMCompiled:
+    """The LSTM's compiled window called as the LSTM's eager ``LSTMWindow`` is: (x_proj, h0, c0, w_hh,
+    mask, dtype) -> (out, h, c), or None where compiling failed."""
+
+    def __init__(self, compile_fn=None):
+        from lm.model.cells.loop import CompiledWindow
+        from lm.model.cells.lstm import lstm_step
+
+        self.window = CompiledWindow(lstm_step, "LSTM", *([compile_fn] if compile_fn else []))
+
+    def __call__(self, x_proj, h0, c0, w_hh, mask, dtype):
+        if self.window.failed:
+            return None
+        result = self.window(x_proj, (h0, c0), (w_hh.to(dtype).t(),), mask, dtype)
+        return None if result is None else (result[0], *result[1])
+
+    def __getattr__(self, name):
+        return getattr(self.window, name)
+
+
+def lstm_loop(x_proj, h0, c0, w_hh, mask, dtype):
+    """The LSTM step's plain loop (what a GPU compiles), called as ``LSTMWindow`` is."""
+    from lm.model.cells.loop import window_loop
+    from lm.model.cells.lstm import lstm_step
+
+    out, (h, c) = window_loop(lstm_step, x_proj, (h0, c0), (w_hh.to(dtype).t(),), mask, dtype)
+    return out, h, c

@@ -12,7 +12,7 @@ import torch
 from lm.data.batching import batchify, bptt_windows
 from lm.engine.evaluation import evaluate
 from lm.engine.training import train
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import tiny_overrides, train_config
 
@@ -45,7 +45,7 @@ def test_two_training_steps_on_cuda_match_cpu(precision, tolerance, shared_tiny_
 def test_evaluation_on_cuda_matches_cpu():
     """Both protocols' shapes (20 streams in windows, one stream in long windows) give the CPU's NLL."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(50, 16, 2, 0.0, 0.1).eval()
+    model = LanguageModel(50, 16, 2, 0.0, 0.1).eval()
     ids = torch.randint(0, 50, (2001,))
     for streams, window in ((20, 5), (1, 500)):
         data = batchify(ids, streams)
@@ -57,8 +57,8 @@ def test_evaluation_on_cuda_matches_cpu():
 
 
 def test_recurrent_dropout_variant_trains_on_cuda(shared_tiny_corpus, tmp_path):
-    """The variants that mask h_{t-1} run the time loop of lm.recurrence instead of cuDNN, compiled."""
-    from lm.model.recurrence import compiled_window
+    """The variants that mask h_{t-1} run the cell's own time loop instead of cuDNN, compiled."""
+    from lm.model.cells.lstm import compiled_window
 
     metrics = _two_steps(shared_tiny_corpus, tmp_path, "cuda", "model.dropout_variant=recurrent", "model.dropout_recurrent=0.3")
     assert metrics["steps"] == 2 and math.isfinite(metrics["valid_ppl"])
@@ -77,7 +77,7 @@ def _graphed_against_eager(variant: str, windows: int = 8, **rates) -> tuple[flo
     models, nll = {}, []
     for graphed in (False, True):
         torch.manual_seed(0)
-        model = LSTMLanguageModel(50, 16, 2, 0.0, 0.1, variant=variant, **rates).cuda()
+        model = LanguageModel(50, 16, 2, 0.0, 0.1, variant=variant, **rates).cuda()
         opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
         nll.append(train_epoch(model, data, opt, StepOptions(max_grad_norm=0.5, cuda_graphs=graphed)).nll)
         models[graphed] = model
@@ -110,7 +110,7 @@ def test_a_graphed_epoch_waits_for_the_gpu_only_at_its_end():
     from lm.engine.step import StepOptions, train_epoch
 
     torch.manual_seed(0)
-    model = LSTMLanguageModel(50, 16, 2, 0.3, 0.1).cuda()
+    model = LanguageModel(50, 16, 2, 0.3, 0.1).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
     data = bptt_windows(batchify(torch.randint(0, 50, (4 * 151,)), 4).cuda(), 5)  # 30 windows
     options = StepOptions(max_grad_norm=5.0)
@@ -132,10 +132,10 @@ def test_a_graphed_epoch_waits_for_the_gpu_only_at_its_end():
 def test_monte_carlo_evaluation_compiles_nothing():
     """Dropout on at evaluation, h_{t-1} masked, windows of 500 and odd lengths: the eager loop, no compile."""
     from lm.engine.evaluation import evaluate_mc
-    from lm.model.recurrence import compiled_window
+    from lm.model.cells.lstm import compiled_window
 
     torch.manual_seed(0)
-    model = LSTMLanguageModel(50, 16, 2, 0.0, 0.1, variant="variational", dropout_recurrent=0.3).cuda()
+    model = LanguageModel(50, 16, 2, 0.0, 0.1, variant="variational", dropout_recurrent=0.3).cuda()
     before = compiled_window().status()
     nll, count = evaluate_mc(model, batchify(torch.randint(0, 50, (1237,)), 1).cuda(), 500, samples=3)
     assert math.isfinite(nll) and count == 1236
@@ -145,7 +145,9 @@ def test_monte_carlo_evaluation_compiles_nothing():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_compiled_window_on_cuda_is_the_eager_window(dtype):
     """torch.compile's window on the GPU: the values and gradients of LSTMWindow, per-step masks."""
-    from lm.model.recurrence import CompiledWindow, LSTMWindow
+    from lm.model.cells.lstm import LSTMWindow
+
+    from helpers import LSTMCompiled
 
     torch.manual_seed(0)
     steps, batch, hidden = 6, 4, 16  # the tiny model's shapes: its fp32 step graphs serve the test above too
@@ -154,7 +156,7 @@ def test_the_compiled_window_on_cuda_is_the_eager_window(dtype):
     h0, c0 = torch.randn(batch, hidden, device="cuda"), torch.randn(batch, hidden, device="cuda")
     mask = (torch.rand(steps, batch, hidden, device="cuda") > 0.3) / 0.7
     results = []
-    for fn in (LSTMWindow.apply, CompiledWindow()):
+    for fn in (LSTMWindow.apply, LSTMCompiled()):
         out, h, c = fn(x_proj, h0, c0, w_hh, mask, dtype)
         (out.sin().sum() + c.sum()).backward()
         results.append([out.detach(), c.detach(), x_proj.grad.clone(), w_hh.grad.clone()])

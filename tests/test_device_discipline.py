@@ -48,7 +48,7 @@ from lm.engine.evaluation import evaluate_all, evaluate_mixture
 from lm.engine.generation import sample
 from lm.engine.step import train_epoch
 from lm.infra.checkpoint import save_checkpoint
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import REPO, tiny_overrides, train_config, write_corpus
 
@@ -231,9 +231,9 @@ OPTIONS = {
 }
 
 
-def tiny_model(option: str) -> LSTMLanguageModel:
+def tiny_model(option: str) -> LanguageModel:
     """Two layers of 8 units, built on the host and moved to meta, as the commands do."""
-    model = LSTMLanguageModel(VOCAB_SIZE, 8, 2, init_scale=0.1, **OPTIONS[option]).to(META)
+    model = LanguageModel(VOCAB_SIZE, 8, 2, init_scale=0.1, **OPTIONS[option]).to(META)
     if OPTIONS[option].get("tie_weights"):  # a move to meta cannot keep a shared Parameter (one to a GPU does)
         model.decoder.weight = model.embedding.weight
     return model
@@ -325,7 +325,7 @@ def test_a_missing_device_in_the_model_fails_evaluation(monkeypatch):
     def state_on_the_host(self, batch_size):
         return [(torch.zeros(1, batch_size, self.hidden_size),) * 2 for _ in range(self.num_layers)]
 
-    monkeypatch.setattr(LSTMLanguageModel, "init_state", state_on_the_host)
+    monkeypatch.setattr(LanguageModel, "init_state", state_on_the_host)
     with pytest.raises(StrayTensorError, match=r"aten\.zeros\.default makes cpu \(1, 2, 8\) float32 on the host"):
         with DeviceDiscipline():
             evaluate_mixture([tiny_model("zaremba")], batchify(meta_ids(17), 2), 4)
@@ -418,7 +418,7 @@ def test_model_averaging_command_runs_on_the_device_it_is_given(tmp_path: Path):
     checkpoints = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model = LSTMLanguageModel.from_config(cfg.model, len(vocab))
+        model = LanguageModel.from_config(cfg.model, len(vocab))
         checkpoints.append(tmp_path / f"seed-{seed}" / "checkpoint.pt")
         save_checkpoint(
             checkpoints[-1],

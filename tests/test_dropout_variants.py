@@ -8,16 +8,16 @@ import torch
 import lm.model.language_model
 from lm.data.batching import batchify
 from lm.engine.evaluation import evaluate, evaluate_mc
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import record_layer_calls, reference_lstm
 
 V, H = 30, 8
 
 
-def make(variant: str, **rates) -> LSTMLanguageModel:
+def make(variant: str, **rates) -> LanguageModel:
     torch.manual_seed(0)
-    return LSTMLanguageModel(V, H, 2, rates.pop("dropout", 0.5), 0.3, variant=variant, **rates)
+    return LanguageModel(V, H, 2, rates.pop("dropout", 0.5), 0.3, variant=variant, **rates)
 
 
 VARIANT_MODELS = {
@@ -31,7 +31,7 @@ VARIANT_MODELS = {
 }
 
 
-def build(name: str) -> LSTMLanguageModel:
+def build(name: str) -> LanguageModel:
     return make(name.split("+")[0], **VARIANT_MODELS[name])
 
 
@@ -51,7 +51,7 @@ def test_eval_mode_is_deterministic_and_mask_free(name):
     a, _ = model(x, model.init_state(2))
     b, _ = model(x, model.init_state(2))
     assert torch.equal(a, b)
-    plain = LSTMLanguageModel(V, H, 2, 0.0, 0.3, tie_weights="tied" in name)
+    plain = LanguageModel(V, H, 2, 0.0, 0.3, tie_weights="tied" in name)
     plain.load_state_dict(
         {k.replace("parametrizations.weight_hh_l0.original", "weight_hh_l0"): v for k, v in model.state_dict().items()}
     )
@@ -273,7 +273,7 @@ def test_batched_mc_dropout_equals_the_passes_one_after_another_with_the_same_ma
 
     torch.manual_seed(0)
     samples, streams, window, places = 3, 2, 4, 3
-    model = lm.model.language_model.LSTMLanguageModel(20, 8, 2, 0.5, 0.1)
+    model = lm.model.language_model.LanguageModel(20, 8, 2, 0.5, 0.1)
     data = torch.randint(0, 20, (streams, 13))
     windows = -(-(data.size(1) - 1) // window)
     masks = {}  # (window, sample, place) -> [streams, <=window, 8]

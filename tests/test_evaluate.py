@@ -12,7 +12,7 @@ from lm.data.batching import batchify
 from lm.engine.evaluation import evaluate, evaluate_mixture, perplexity, run_evaluation
 from lm.engine.training import train
 from lm.infra.checkpoint import CheckpointError
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import tiny_overrides, train_config, write_corpus
 
@@ -31,7 +31,7 @@ def test_perplexity_is_token_weighted_exp_of_mean_nll():
 def test_stream_protocol_window_length_does_not_change_the_numbers():
     """Long windows with the state carried are the same computation as one token at a time."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(40, 12, 2, 0.5, 0.1)
+    model = LanguageModel(40, 12, 2, 0.5, 0.1)
     stream = batchify(torch.randint(0, 40, (301,)), 1)
     one_at_a_time = evaluate(model, stream, 1)
     assert one_at_a_time[1] == 300  # every token after the first
@@ -42,7 +42,7 @@ def test_stream_protocol_window_length_does_not_change_the_numbers():
 
 def test_evaluation_resets_state_and_restores_training_mode():
     torch.manual_seed(0)
-    model = LSTMLanguageModel(40, 12, 2, 0.5, 0.1).train()
+    model = LanguageModel(40, 12, 2, 0.5, 0.1).train()
     data = batchify(torch.randint(0, 40, (200,)), 4)
     assert evaluate(model, data, 5) == evaluate(model, data, 5)
     assert model.training
@@ -120,7 +120,7 @@ def test_corrupt_checkpoint_is_refused(tiny_run: Path, tmp_path: Path, content):
 
 def test_mixture_averages_probabilities_not_log_probabilities():
     torch.manual_seed(0)
-    a, b = LSTMLanguageModel(30, 8, 1, 0.0, 0.3), LSTMLanguageModel(30, 8, 1, 0.0, 0.3)
+    a, b = LanguageModel(30, 8, 1, 0.0, 0.3), LanguageModel(30, 8, 1, 0.0, 0.3)
     data = batchify(torch.randint(0, 30, (41,)), 2)
     nll, count = evaluate_mixture([a, b], data, 5)
     x, y = data[:, :-1], data[:, 1:]

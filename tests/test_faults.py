@@ -107,7 +107,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_bit_identically(tiny_corpus, 
 def _poison_forward(monkeypatch, at_call: int) -> None:
     """Make the model's training forward pass (``features``, which the fused loss reads) return
     NaN on its ``at_call``-th call."""
-    original = lm.model.language_model.LSTMLanguageModel.features
+    original = lm.model.language_model.LanguageModel.features
     calls = {"n": 0}
 
     def features(self, x, state):
@@ -118,7 +118,7 @@ def _poison_forward(monkeypatch, at_call: int) -> None:
                 hidden = hidden * float("nan")
         return hidden, state
 
-    monkeypatch.setattr(lm.model.language_model.LSTMLanguageModel, "features", features)
+    monkeypatch.setattr(lm.model.language_model.LanguageModel, "features", features)
 
 
 @pytest.mark.full

@@ -8,8 +8,7 @@ import torch
 
 from lm import kernels
 from lm.data.corpus import load_corpus
-from lm.model import language_model, recurrence
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 from lm.reporting import figures
 from lm.reporting.mask_probe import (
     PER_SEQUENCE,
@@ -60,9 +59,9 @@ RATES = {
 IDS = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(0))
 
 
-def small_model(variant: str, **rates) -> LSTMLanguageModel:
+def small_model(variant: str, **rates) -> LanguageModel:
     torch.manual_seed(0)
-    return LSTMLanguageModel(10, 16, LAYERS, 0.25, 0.1, variant=variant, **rates)
+    return LanguageModel(10, 16, LAYERS, 0.25, 0.1, variant=variant, **rates)
 
 
 def masked(result) -> dict[Connection, tuple[str, ...]]:
@@ -117,7 +116,7 @@ def test_time_structure_tells_fresh_from_shared_masks():
 
 def test_a_model_that_masks_h_under_zaremba_changes_the_finding(monkeypatch):
     """The probe reads the model, not a list: zaremba made to mask h_{t-1} is found masking it."""
-    monkeypatch.setattr(LSTMLanguageModel, "masks_recurrence", property(lambda self: True))
+    monkeypatch.setattr(LanguageModel, "masks_recurrence", property(lambda self: True))
     found = masked(probe(small_model("zaremba", dropout_recurrent=0.25), IDS))
     assert found == {**PAPER["zaremba"], **{c: (PER_STEP,) for c in RECURRENT}} != PAPER["zaremba"]
 
@@ -127,9 +126,9 @@ def test_a_mask_the_probe_cannot_see_stops_it(monkeypatch):
 
     def hidden_path(self, layer, h, state):
         dropped = torch.nn.functional.dropout(layer.weight_hh_l0, 0.5, self.training)  # DropConnect, not a parametrization
-        return language_model.lstm_window(layer, h, state, w_hh=dropped)
+        return layer.window(h, state, w_hh=dropped)
 
-    monkeypatch.setattr(LSTMLanguageModel, "_run_layer", hidden_path)
+    monkeypatch.setattr(LanguageModel, "_run_layer", hidden_path)
     with pytest.raises(ProbeError, match="layer 1 changes its output"):
         probe(small_model("none"), IDS)
 
@@ -141,7 +140,7 @@ def test_the_probe_leaves_the_model_and_the_generator_as_they_were():
     probe(model, IDS)
     assert not model.training and torch.equal(torch.random.get_rng_state(), before)
     assert torch.get_num_threads() == threads
-    assert language_model.lstm_window is recurrence.lstm_window
+    assert not any("window" in vars(layer) for layer in model.layers)  # the probe's watch removed
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 

@@ -15,7 +15,7 @@ from lm.data.batching import batchify, bptt_windows
 from lm.engine import graphs
 from lm.engine.step import StepOptions, graphs_not_applicable, graphs_status, train_epoch
 from lm.engine.training import train
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import tiny_overrides, train_config
 
@@ -34,10 +34,10 @@ def _windows(full: int = 9) -> list:
     return windows
 
 
-def _two_epochs(variant: str, logs: list | None = None) -> tuple[LSTMLanguageModel, list]:
+def _two_epochs(variant: str, logs: list | None = None) -> tuple[LanguageModel, list]:
     """Two epochs at two learning rates, as a run's schedule changes it; returns the model and each epoch's progress."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(VOCAB, HIDDEN, 2, 0.3, 0.1, variant=variant, **RATES[variant])
+    model = LanguageModel(VOCAB, HIDDEN, 2, 0.3, 0.1, variant=variant, **RATES[variant])
     opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
     windows, options = _windows(), StepOptions(max_grad_norm=0.5, weight_decay=1e-4)
     epochs = []
@@ -99,7 +99,7 @@ def test_a_failed_capture_warns_once_and_trains_eagerly(monkeypatch, caplog):
 
 
 def test_where_the_step_is_not_graphed_and_why(monkeypatch):
-    model = LSTMLanguageModel(VOCAB, HIDDEN, 2, 0.0, 0.1)
+    model = LanguageModel(VOCAB, HIDDEN, 2, 0.0, 0.1)
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     plain = StepOptions(max_grad_norm=5.0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

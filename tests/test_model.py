@@ -5,13 +5,14 @@ import torch
 from torch import nn
 
 from lm.config import compose, validate
-from lm.model.language_model import LSTMLanguageModel, count_parameters, detach_state
+from lm.model.cells.state import detach_state
+from lm.model.language_model import LanguageModel, count_parameters
 from lm.reporting.paper import PAPER_PARAMETERS
 
 
-def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageModel:
+def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LanguageModel:
     torch.manual_seed(0)
-    return LSTMLanguageModel(vocab, hidden, layers, dropout, init)
+    return LanguageModel(vocab, hidden, layers, dropout, init)
 
 
 @pytest.mark.parametrize("size", sorted(PAPER_PARAMETERS))
@@ -19,7 +20,7 @@ def make(hidden=8, layers=2, dropout=0.5, init=0.1, vocab=30) -> LSTMLanguageMod
 def test_parameter_counts_match_the_paper(size):
     """Each model preset, as the configs define it, has the paper's parameter count."""
     cfg = validate(compose("train", [f"model={size}"])).model
-    model = LSTMLanguageModel.from_config(cfg, 10_000)
+    model = LanguageModel.from_config(cfg, 10_000)
     assert count_parameters(model) == PAPER_PARAMETERS[size]
 
 
@@ -59,10 +60,8 @@ def test_dropout_never_touches_the_recurrent_path():
 
 
 def test_dropout_never_touches_the_recurrent_path_in_bf16_training(monkeypatch):
-    """bf16 training on CPU runs the layers through lm.model.recurrence: it is handed no mask,
+    """bf16 training on CPU runs the layers through the cell's own loop: it is handed no mask,
     and replaying it without dropout gives exactly the output it produced."""
-    from lm.model.recurrence import lstm_window
-
     from helpers import record_layer_calls
 
     model = make(dropout=0.5).train()
@@ -70,9 +69,9 @@ def test_dropout_never_touches_the_recurrent_path_in_bf16_training(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 30, (4, 9)), model.init_state(4))
         assert len(calls) == 2
-        for layer, layer_input, layer_state, h_mask, layer_output in calls:
+        for layer, layer_input, layer_state, h_mask, layer_output in list(calls):  # (replays are recorded too)
             assert h_mask is None
-            assert torch.equal(lstm_window(layer, layer_input, layer_state)[0], layer_output)
+            assert torch.equal(layer.window(layer_input, layer_state)[0], layer_output)
 
 
 def test_replay_check_detects_recurrent_dropout():
@@ -165,7 +164,7 @@ def test_every_variant_trains_alike_on_the_fused_kernels_and_the_fallback(monkey
     def step(available: bool):
         monkeypatch.setattr(kernels, "available", lambda device: available)
         torch.manual_seed(0)
-        model = LSTMLanguageModel(30, 16, 2, 0.0, 0.1, **VARIANT_OPTIONS[name])
+        model = LanguageModel(30, 16, 2, 0.0, 0.1, **VARIANT_OPTIONS[name])
         x, y = torch.randint(0, 30, (4, 9)), torch.randint(0, 30, (4, 9))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             hidden, _ = model.features(x, model.init_state(4))

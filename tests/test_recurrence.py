@@ -1,4 +1,4 @@
-"""The training time loop (lm.model.recurrence) computes nn.LSTM's function and gradients, and the
+"""The LSTM cell's own training time loop (lm.model.cells.lstm) computes nn.LSTM's function and gradients, and the
 training loss (lm.model.loss) F.cross_entropy's: both the compiled kernels and the pure-PyTorch fallback."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from lm import kernels
+from lm.model.cells.lstm import LSTMLayer
 from lm.model.loss import summed_nll
-from lm.model.recurrence import lstm_window
 
-from helpers import REPO, reference_lstm
+from helpers import REPO, LSTMCompiled, lstm_loop, reference_lstm
 
 B, T, H = 3, 7, 5
 
@@ -46,7 +46,7 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def problem():
     torch.manual_seed(0)
-    layer = torch.nn.LSTM(H, H, batch_first=True)
+    layer = LSTMLayer(H, H)
     x = torch.randn(B, T, H, requires_grad=True)
     state = (torch.randn(1, B, H, requires_grad=True), torch.randn(1, B, H, requires_grad=True))
     return layer, x, state
@@ -55,7 +55,7 @@ def problem():
 def test_matches_nn_lstm_values_and_gradients(problem, backend):
     layer, x, state = problem
     expected = _run(lambda: layer(x, state), layer, x, state)
-    got = _run(lambda: lstm_window(layer, x, state), layer, x, state)
+    got = _run(lambda: layer.window(x, state), layer, x, state)
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -63,14 +63,14 @@ def test_matches_nn_lstm_values_and_gradients(problem, backend):
 def test_saturated_gates_stay_finite_and_exact(backend):
     """Large pre-activations (sigmoid at 0 or 1, tanh at +-1) must not overflow the kernel's exp."""
     torch.manual_seed(1)
-    layer = torch.nn.LSTM(H, H, batch_first=True)
+    layer = LSTMLayer(H, H)
     with torch.no_grad():
         for p in layer.parameters():
             p.mul_(40)
     x = torch.randn(B, T, H, requires_grad=True)
     state = (torch.zeros(1, B, H, requires_grad=True), torch.zeros(1, B, H, requires_grad=True))
     expected = _run(lambda: layer(x, state), layer, x, state)
-    got = _run(lambda: lstm_window(layer, x, state), layer, x, state)
+    got = _run(lambda: layer.window(x, state), layer, x, state)
     for a, b in zip(expected, got):
         assert torch.isfinite(b).all()
         assert torch.allclose(a, b, atol=1e-4)
@@ -80,7 +80,7 @@ def test_bf16_autocast_is_close_and_keeps_fp32_state(problem, backend):
     layer, x, state = problem
     expected = _run(lambda: layer(x, state), layer, x, state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _run(lambda: lstm_window(layer, x, state), layer, x, state)
+        got = _run(lambda: layer.window(x, state), layer, x, state)
     assert [t.dtype for t in got[:3]] == [torch.float32] * 3
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=0.05, rtol=0.05)
@@ -95,7 +95,7 @@ def test_mask_on_h_matches_the_step_by_step_equations(problem, backend, per_step
 
     masks = mask if per_step else [mask] * T
     expected = _run(lambda: reference_lstm(layer, x, state, masks), layer, x, state)
-    got = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
+    got = _run(lambda: layer.window(x, state, h_mask=mask), layer, x, state)
     for a, b in zip(expected, got):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -108,11 +108,11 @@ def test_fused_and_fallback_agree_in_bf16_with_a_mask(problem):
     layer, x, state = problem
     mask = (torch.rand(T, B, H) > 0.3).float() / 0.7
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
+        fused = _run(lambda: layer.window(x, state, h_mask=mask), layer, x, state)
         kernels_available = kernels.available
         try:
             kernels.available = lambda device: False
-            fallback = _run(lambda: lstm_window(layer, x, state, h_mask=mask), layer, x, state)
+            fallback = _run(lambda: layer.window(x, state, h_mask=mask), layer, x, state)
         finally:
             kernels.available = kernels_available
     for a, b in zip(fused, fallback):
@@ -222,7 +222,7 @@ def _window_inputs(layer, x, state):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
     """What the GPU compiles is the same function, with the same gradients, as LSTMWindow (every mask kind, bf16)."""
-    from lm.model.recurrence import LSTMWindow, window_loop
+    from lm.model.cells.lstm import LSTMWindow
 
     layer, x, state = problem
     g = torch.Generator().manual_seed(1)
@@ -237,20 +237,18 @@ def test_window_loop_is_the_eager_window(problem, mask_kind, dtype):
         x,
         state,
     )
-    for a, b in zip(run(LSTMWindow.apply), run(window_loop)):
+    for a, b in zip(run(LSTMWindow.apply), run(lstm_loop)):
         assert torch.allclose(a, b, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.slow
 def test_torch_compile_of_the_window_matches_nn_lstm(problem):
     """The real torch.compile (inductor's CPU backend here; Triton on a GPU) of the masked window."""
-    from lm.model.recurrence import CompiledWindow
-
     if kernels.fused() is None:
         pytest.skip("no compiler here: inductor cannot build its CPU kernels either")
     layer, x, state = problem
     masks = (torch.rand(T, B, H, generator=torch.Generator().manual_seed(2)) > 0.3) / 0.7
-    compiled = CompiledWindow()
+    compiled = LSTMCompiled()
     expected = _run(lambda: reference_lstm(layer, x, state, masks), layer, x, state)
     got = _run(
         lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*compiled(*_window_inputs(layer, x, state), masks, torch.float32)),
@@ -264,8 +262,6 @@ def test_torch_compile_of_the_window_matches_nn_lstm(problem):
 
 
 def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem, caplog):
-    from lm.model.recurrence import CompiledWindow
-
     def broken_compile(fn, **options):
         def run(*args):
             raise RuntimeError("Cannot find a working triton installation\nmore detail")
@@ -273,7 +269,7 @@ def test_a_failed_compile_warns_once_then_gives_way_to_the_eager_window(problem,
         return run
 
     layer, x, state = problem
-    compiled = CompiledWindow(broken_compile)
+    compiled = LSTMCompiled(broken_compile)
     with caplog.at_level("WARNING", logger="lm.recurrence"):
         assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
         assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
@@ -297,11 +293,11 @@ def test_one_compiled_step_serves_windows_of_every_length(problem):
     """A window's step is what is compiled, not the unrolled window: windows of 7, 3, 1 and 12 steps
     (an epoch's last window is shorter; Monte Carlo evaluation reads 500) add no compile. Two graphs:
     the first step, whose carried state needs no gradient, and the others."""
-    from lm.model.recurrence import CompiledWindow, LSTMWindow
+    from lm.model.cells.lstm import LSTMWindow
 
     torch._dynamo.reset()
     graphs = []
-    compiled = CompiledWindow(_counting_compile(graphs))
+    compiled = LSTMCompiled(_counting_compile(graphs))
     layer, _, _ = problem
     for steps in (7, 3, 1, 12):
         x = torch.randn(B, steps, H)
@@ -323,12 +319,12 @@ def test_one_compiled_step_serves_windows_of_every_length(problem):
 def test_the_compiled_step_through_aot_autograd_matches_the_eager_window(problem):
     """A real compile of the step, forward and backward graphs (AOTAutograd, the eager backend: no C++
     or Triton build), against the eager window, values and gradients, with per-step masks."""
-    from lm.model.recurrence import CompiledWindow, LSTMWindow
+    from lm.model.cells.lstm import LSTMWindow
 
     torch._dynamo.reset()
     layer, x, state = problem
     masks = (torch.rand(T, B, H, generator=torch.Generator().manual_seed(3)) > 0.3) / 0.7
-    compiled = CompiledWindow(lambda fn, **options: torch.compile(fn, backend="aot_eager", **options))
+    compiled = LSTMCompiled(lambda fn, **options: torch.compile(fn, backend="aot_eager", **options))
     run = lambda fn: _run(  # noqa: E731
         lambda: (lambda o, h, c: (o.transpose(0, 1), (h, c)))(*fn(*_window_inputs(layer, x, state), masks, torch.float32)),
         layer,
@@ -356,7 +352,6 @@ def test_a_backward_that_fails_to_compile_is_caught_before_any_training_step_nee
     """AOTAutograd compiles a backward at its first use, inside the training step's backward(), where
     a failure could not fall back. The first call of each new step signature compiles both ways on a
     copy of its inputs, so the failure surfaces there: one warning, the eager window, and why in the status."""
-    from lm.model.recurrence import CompiledWindow
 
     def compile_with_broken_backward(fn, **options):
         def run(*args):
@@ -366,7 +361,7 @@ def test_a_backward_that_fails_to_compile_is_caught_before_any_training_step_nee
         return run
 
     layer, x, state = problem
-    compiled = CompiledWindow(compile_with_broken_backward)
+    compiled = LSTMCompiled(compile_with_broken_backward)
     with caplog.at_level("WARNING", logger="lm.recurrence"):
         assert compiled(*_window_inputs(layer, x, state), None, torch.float32) is None
     assert [r.getMessage() for r in caplog.records] == [
@@ -381,7 +376,7 @@ def test_a_backward_that_fails_to_compile_is_caught_before_any_training_step_nee
 def test_gpu_evaluation_runs_the_eager_loop_and_gpu_training_the_compiled_step():
     """Monte Carlo dropout evaluates with dropout on, h_{t-1} masked, in windows of 500 steps and an odd
     last one per split: compiling each would take minutes. Without gradients the eager loop runs."""
-    from lm.model.recurrence import window_path
+    from lm.model.cells.loop import window_path
 
     cuda = torch.device("cuda")
     assert window_path(cuda) == "compiled"
@@ -391,10 +386,8 @@ def test_gpu_evaluation_runs_the_eager_loop_and_gpu_training_the_compiled_step()
 
 
 def test_lm_compile_0_turns_compiling_off(monkeypatch):
-    from lm.model.recurrence import CompiledWindow
-
     monkeypatch.setenv("LM_COMPILE", "0")
-    compiled = CompiledWindow(lambda fn, **options: pytest.fail("compiled although LM_COMPILE=0"))
+    compiled = LSTMCompiled(lambda fn, **options: pytest.fail("compiled although LM_COMPILE=0"))
     assert compiled.failed and compiled(None, None, None, None, None, torch.float32) is None
 
 

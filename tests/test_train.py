@@ -15,7 +15,7 @@ from lm.data.batching import bptt_windows
 from lm.engine.step import learning_rate, train_epoch
 from lm.engine.training import preflight, train
 from lm.infra.checkpoint import RunFolderError, load_checkpoint
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 from helpers import REPO, tiny_overrides, train_config
 
@@ -51,10 +51,10 @@ def test_lua_convention_decays_one_epoch_later():
 
 def test_loss_is_summed_over_time_and_averaged_over_batch():
     torch.manual_seed(0)
-    model = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
+    model = LanguageModel(20, 6, 2, 0.0, 0.1)
     data = torch.randint(0, 20, (3, 6))
     ((x, y),) = bptt_windows(data, 5)
-    reference = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
+    reference = LanguageModel(20, 6, 2, 0.0, 0.1)
     reference.load_state_dict(model.state_dict())
     logits, _ = reference(x, reference.init_state(3))
     loss = F.cross_entropy(logits.reshape(-1, 20), y.reshape(-1), reduction="sum") / 3
@@ -67,7 +67,7 @@ def test_loss_is_summed_over_time_and_averaged_over_batch():
 
 def test_gradient_norm_is_clipped_globally():
     torch.manual_seed(0)
-    model = LSTMLanguageModel(20, 6, 1, 0.0, 0.1)
+    model = LanguageModel(20, 6, 1, 0.0, 0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     windows = bptt_windows(torch.randint(0, 20, (3, 6)), 5)
     train_epoch(model, windows, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=0.01)
@@ -79,7 +79,7 @@ def test_missing_detach_would_be_caught(monkeypatch):
     """train_epoch over several windows works only because the state is detached."""
     torch.manual_seed(0)
     windows = bptt_windows(torch.randint(0, 20, (2, 13)), 4)
-    model = LSTMLanguageModel(20, 6, 2, 0.0, 0.1)
+    model = LanguageModel(20, 6, 2, 0.0, 0.1)
     train_epoch(model, windows, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=5.0)
     monkeypatch.setattr(step_module, "detach_state", lambda state: state)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -88,7 +88,7 @@ def test_missing_detach_would_be_caught(monkeypatch):
 
 def test_weight_decay_shrinks_every_weight_by_its_fraction_per_step():
     torch.manual_seed(0)
-    model = LSTMLanguageModel(20, 8, 1, 0.0, 0.1)
+    model = LanguageModel(20, 8, 1, 0.0, 0.1)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randint(0, 20, (2, 3)), torch.randint(0, 20, (2, 3))
     train_epoch(model, [(x, y)], torch.optim.SGD(model.parameters(), lr=1e-12), 5.0, weight_decay=0.1)

@@ -9,14 +9,14 @@ import torch
 from lm import kernels
 from lm.engine.step import train_epoch
 from lm.kernels.weight_copies import COPY_ATTR, WeightCopies, applies, product_matrices, product_weight
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 BF16 = torch.bfloat16
 
 
-def _model(seed: int = 0, **options) -> LSTMLanguageModel:
+def _model(seed: int = 0, **options) -> LanguageModel:
     torch.manual_seed(seed)
-    return LSTMLanguageModel(50, 16, 2, 0.3, 0.1, **options)
+    return LanguageModel(50, 16, 2, 0.3, 0.1, **options)
 
 
 def _windows(n: int = 4, batch: int = 4, bptt: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -25,7 +25,7 @@ def _windows(n: int = 4, batch: int = 4, bptt: int = 6) -> list[tuple[torch.Tens
     return [(data[:, i * bptt : (i + 1) * bptt], data[:, i * bptt + 1 : (i + 1) * bptt + 1]) for i in range(n)]
 
 
-def _train(copies: bool, max_grad_norm: float, weight_decay: float = 0.0, **options) -> tuple[LSTMLanguageModel, list[float]]:
+def _train(copies: bool, max_grad_norm: float, weight_decay: float = 0.0, **options) -> tuple[LanguageModel, list[float]]:
     model = _model(**options)
     norms = []
     torch.manual_seed(5)  # the dropout masks

@@ -49,7 +49,7 @@ from lm.engine.runtime import fp32_products, select_device
 from lm.engine.step import EpochLoop, StepOptions, train_epoch
 from lm.infra.errors import DataError
 from lm.kernels import cpu_info
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 # Mikolov's PTB (PAPER.md): tokens with <eos> per split and the vocabulary, where its files are not here.
 PTB_TOKENS = {"train": 929_589, "valid": 73_760, "test": 82_430}
@@ -344,7 +344,7 @@ class Stopwatch:
         device = select_device(cfg.trainer.device)
         batch, bptt = cfg.data.batch_size, cfg.data.bptt
         torch.manual_seed(cfg.trainer.seed)
-        model = LSTMLanguageModel.from_config(cfg.model, vocab).to(device)
+        model = LanguageModel.from_config(cfg.model, vocab).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
         options = StepOptions(  # as lm.engine.run's prepare_run builds it (one process)
             max_grad_norm=cfg.optim.max_grad_norm,
@@ -399,7 +399,7 @@ class Stopwatch:
         budget: float,
     ) -> tuple[float, int, int]:
         torch.manual_seed(0)
-        models = [LSTMLanguageModel.from_config(cfg.model, vocab).to(device) for _ in range(members)]
+        models = [LanguageModel.from_config(cfg.model, vocab).to(device) for _ in range(members)]
         mixture = [models[0]] * mc_samples if mc_samples else models
         data = torch.randint(vocab, (rows, length + 1))
         stamps = [time.perf_counter()]

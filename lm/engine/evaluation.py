@@ -37,7 +37,7 @@ from lm.engine.runtime import (
 from lm.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lm.infra.outputs import Output, atomic_write_json, claim, json_of
 from lm.infra.schema import EVAL
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 
 @torch.no_grad()
 def evaluate_mixture(
-    models: Sequence[LSTMLanguageModel], data: torch.Tensor, window: int, stochastic: bool = False
+    models: Sequence[LanguageModel], data: torch.Tensor, window: int, stochastic: bool = False
 ) -> tuple[float, int]:
     """Summed NLL (nats) and number of predictions of the models' averaged probabilities.
 
@@ -99,7 +99,7 @@ def evaluate_mixture(
 
 
 @torch.no_grad()
-def evaluate_mc_batched(model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int) -> tuple[float, int]:
+def evaluate_mc_batched(model: LanguageModel, data: torch.Tensor, window: int, samples: int) -> tuple[float, int]:
     """Monte Carlo dropout in one pass: the streams repeated ``samples`` times along the batch
     (row k * streams + r is sample k of stream r), dropout on, so each row draws its own masks; per
     token the samples' probabilities are averaged. The same mixture as ``samples`` passes one after
@@ -122,19 +122,19 @@ def evaluate_mc_batched(model: LSTMLanguageModel, data: torch.Tensor, window: in
 
 
 def evaluate_mc(
-    model: LSTMLanguageModel, data: torch.Tensor, window: int, samples: int, stochastic: bool = True
+    model: LanguageModel, data: torch.Tensor, window: int, samples: int, stochastic: bool = True
 ) -> tuple[float, int]:
     """Monte Carlo dropout: probabilities averaged over ``samples`` passes with dropout on."""
     return evaluate_mixture([model] * samples, data, window, stochastic=stochastic)
 
 
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
+def evaluate(model: LanguageModel, data: torch.Tensor, window: int) -> tuple[float, int]:
     """Summed NLL (nats) and number of predictions over ``data`` [streams, n]; state starts at zero."""
     return evaluate_mixture([model], data, window)
 
 
 def evaluate_split(
-    models: Sequence[LSTMLanguageModel],
+    models: Sequence[LanguageModel],
     ids: torch.Tensor,
     protocol: str,
     batch_size: int,
@@ -153,7 +153,7 @@ def evaluate_split(
 
 
 def evaluate_all(
-    models: LSTMLanguageModel | Sequence[LSTMLanguageModel],
+    models: LanguageModel | Sequence[LanguageModel],
     corpus: Corpus,
     batch_size: int,
     bptt: int,
@@ -161,7 +161,7 @@ def evaluate_all(
     stochastic: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {protocol: {ppl, nll, tokens}}} for valid and test under both protocols (one model or an average)."""
-    if isinstance(models, LSTMLanguageModel):
+    if isinstance(models, LanguageModel):
         models = [models]
     return {
         split: {p: evaluate_split(models, corpus.split(split), p, batch_size, bptt, eval_window, stochastic) for p in PROTOCOLS}

@@ -20,7 +20,7 @@ from lm.data.corpus import EOS, UNK, Vocab
 from lm.engine.runtime import build_model_from_checkpoint, load_user_data, select_device
 from lm.infra.checkpoint import CheckpointError, load_checkpoint
 from lm.infra.errors import DataError
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 
 def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[int]:
@@ -38,7 +38,7 @@ def encode_prompt(prompt: str, vocab: Vocab, warn=lambda msg: print(f"warning: {
 
 @torch.no_grad()
 def sample(
-    model: LSTMLanguageModel, prompt_ids: list[int], words: int, temperature: float, top_k: int | None, seed: int
+    model: LanguageModel, prompt_ids: list[int], words: int, temperature: float, top_k: int | None, seed: int
 ) -> list[int]:
     """Ids of ``words`` sampled continuations of ``prompt_ids``.
 

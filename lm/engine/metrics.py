@@ -15,8 +15,8 @@ from lm.engine.runtime import precision_record, provenance
 from lm.engine.step import graphs_not_applicable, graphs_status
 from lm.infra.checkpoint import atomic_write_json
 from lm.infra.faults import NonFiniteError, StopRequest, fault_point, interrupt
+from lm.model.cells import CELLS
 from lm.model.language_model import count_parameters
-from lm.model.recurrence import compiled_window
 
 log = logging.getLogger("lm.train")  # one logger for the whole training run (its train.log)
 
@@ -89,7 +89,7 @@ def step_paths(run: Run) -> dict[str, Any]:
     if graphs is None:
         reason = graphs_not_applicable(run.device, run.optimizer, run.step_options, run.step_options.objective, copies=False)
         graphs = {"replayed_steps": 0, "not_used": reason or "no step trained in this process"}
-    return {"cuda_graphs": graphs, "time_loop": compiled_window().status() if run.device.type == "cuda" else None}
+    return {"cuda_graphs": graphs, "time_loop": CELLS[run.model.cell].compiled_status() if run.device.type == "cuda" else None}
 
 
 def write_metrics(run: Run, results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:

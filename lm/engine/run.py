@@ -27,7 +27,8 @@ from lm.infra.checkpoint import CHECKPOINT_NAME, rng_digest, rng_state, save_che
 from lm.infra.errors import DataError
 from lm.infra.faults import fault_point
 from lm.kernels import cpu_info
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.cells.state import gather_state, state_rows
+from lm.model.language_model import LanguageModel
 from lm.model.loss import WindowLoss
 
 log = logging.getLogger("lm.train")  # one logger for the whole training run (its train.log)
@@ -46,7 +47,7 @@ class Run:
     corpus: Corpus
     windows: list[tuple[torch.Tensor, torch.Tensor]]  # this rank's training windows, on the device
     valid_data: torch.Tensor
-    model: LSTMLanguageModel
+    model: LanguageModel
     optimizer: torch.optim.Optimizer
     step_options: StepOptions  # how each step is computed (precision, clipping, weight decay, the loss)
     config_dict: dict[str, Any]  # the resolved config, as checkpoints and metrics.json store it
@@ -132,14 +133,14 @@ class Run:
 def _global_progress(progress: EpochProgress, group: Group) -> EpochProgress:
     """A mid-epoch position with every rank's streams (for the checkpoint); collective."""
     nll, tokens = group.sum([progress.nll, progress.tokens])
-    state = [(group.gather_rows(h, 1), group.gather_rows(c, 1)) for h, c in progress.state] if progress.state else None
+    state = gather_state(progress.state, group.gather_rows) if progress.state else None
     return dataclasses.replace(progress, nll=nll, tokens=int(tokens), state=state)
 
 
 def _local_progress(progress: EpochProgress, group: Group, batch_size: int, device: torch.device) -> EpochProgress:
     """This rank's share of a saved mid-epoch position (any number of ranks can resume it)."""
     rows = group.rows(batch_size)
-    state = [(h[:, rows].to(device), c[:, rows].to(device)) for h, c in progress.state] if progress.state else None
+    state = state_rows(progress.state, rows, device) if progress.state else None
     if not group.is_main:  # the sums are carried by rank 0 only, so that reducing them again is right
         return dataclasses.replace(progress, nll=0.0, tokens=0, state=state)
     return dataclasses.replace(progress, state=state)
@@ -158,7 +159,7 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     corpus = load_data(cfg.data)
     windows, valid_data = _training_data(corpus, cfg.data, group, device)
     torch.manual_seed(cfg.trainer.seed)
-    model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
+    model = LanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
     step_options = StepOptions(

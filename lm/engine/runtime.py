@@ -18,7 +18,8 @@ from lm.data.corpora import corpus_layout, layout_in
 from lm.data.corpus import Corpus, Vocab, ensure, load_corpus
 from lm.infra.checkpoint import CheckpointError, vocab_digest
 from lm.kernels import cpu_info
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.cells import cell_of_weights
+from lm.model.language_model import LanguageModel
 
 
 def select_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -135,7 +136,7 @@ def check_vocab(ckpt: dict[str, Any], vocab: Vocab, what: str = "the corpus") ->
     )
 
 
-def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LSTMLanguageModel:
+def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LanguageModel:
     """The checkpoint's model with its weights; refuses another vocabulary (word for word when
     ``vocab`` is a ``Vocab``) or weights that do not fit the saved config."""
     cfg = validate_saved(ckpt["config"])
@@ -149,7 +150,8 @@ def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LST
             raise CheckpointError(
                 f"checkpoint has a vocabulary of {saved} words, the corpus {vocab_size}: use the corpus it was trained on"
             )
-    model = LSTMLanguageModel.from_config(cfg.model, vocab_size)
+    check_cell(ckpt, cfg.model.cell, cfg.model.hidden_size)
+    model = LanguageModel.from_config(cfg.model, vocab_size)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
@@ -158,6 +160,17 @@ def build_model_from_checkpoint(ckpt: dict[str, Any], vocab: Vocab | int) -> LST
             f"checkpoint's weights do not fit its model ({first[:160]}): the file is damaged, use another one"
         ) from None
     return model
+
+
+def check_cell(ckpt: dict[str, Any], cell: str, hidden_size: int) -> None:
+    """Refuse a checkpoint whose weights are another cell's than its config names."""
+    weights = ckpt.get("model")
+    found = cell_of_weights(weights, hidden_size) if isinstance(weights, dict) else None
+    if found is not None and found != cell:
+        raise CheckpointError(
+            f"checkpoint's weights are a {found.upper()}'s but its config says model.cell={cell}: "
+            "the file is damaged or was edited, use another one"
+        )
 
 
 def git_commit() -> str | None:

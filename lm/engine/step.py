@@ -25,7 +25,8 @@ from lm.config import OptimConfig
 from lm.engine.graphs import StepGraphs, backend_for, graphs_mode
 from lm.infra.faults import NonFiniteError, fault_point
 from lm.kernels.weight_copies import WeightCopies, applies, fp32_norm
-from lm.model.language_model import LSTMLanguageModel, State, detach_state
+from lm.model.cells.state import State, copy_state, detach_state, flatten_state, unflatten_state
+from lm.model.language_model import LanguageModel
 from lm.model.loss import WindowLoss
 
 
@@ -202,11 +203,12 @@ class GraphedStep:
         self.objective, self.params, self.optimizer, self.options = objective, params, optimizer, options
         self.lr = torch.zeros((), dtype=torch.float32, device=params[0].device)
         self.lr_value: float | None = None
+        self.state_layout: tuple[int, ...] = ()  # tensors per layer of the carried state (set by each call)
         self.graphs = StepGraphs(self._body, params, backend)
 
     def _body(self, inputs: list[torch.Tensor]):
         x, y, *flat = inputs
-        state = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        state = unflatten_state(flat, self.state_layout)
         options = self.options
         with torch.autocast(
             x.device.type, dtype=options.autocast_dtype, enabled=options.autocast_dtype is not None, cache_enabled=False
@@ -231,7 +233,8 @@ class GraphedStep:
         if lr != self.lr_value:  # once per epoch: a kernel on the stream, no host sync
             self.lr.fill_(lr)
             self.lr_value = lr
-        inputs = [x, y, *(t for pair in detach_state(state) for t in pair)]
+        flat, self.state_layout = flatten_state(detach_state(state))
+        inputs = [x, y, *flat]
         out = self.graphs.run(inputs, eager)
         if isinstance(out, StepResult):
             return out
@@ -265,7 +268,7 @@ def graphs_not_applicable(
 
 
 def _graphed_step(
-    model: LSTMLanguageModel, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions, copies: bool
+    model: LanguageModel, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions, copies: bool
 ) -> GraphedStep | None:
     device = next(model.parameters()).device
     if graphs_not_applicable(device, optimizer, options, objective, copies) is not None:
@@ -278,7 +281,7 @@ def _graphed_step(
     return graphed
 
 
-def graphs_status(model: LSTMLanguageModel) -> dict[str, Any] | None:
+def graphs_status(model: LanguageModel) -> dict[str, Any] | None:
     """What the step's graphs did for ``model`` in this process (None: no step was ever graphed):
     replays, eager steps, captured shapes, a failure and its reason."""
     steps = _GRAPHED.get(model)
@@ -289,7 +292,7 @@ def graphs_status(model: LSTMLanguageModel) -> dict[str, Any] | None:
 
 
 def train_epoch(
-    model: LSTMLanguageModel,
+    model: LanguageModel,
     windows: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     options: StepOptions | float | None = None,
@@ -358,7 +361,7 @@ def train_epoch(
     progress.nll, progress.norm_sum = float(nll), float(norm_sum)
     progress.seconds += time.perf_counter() - start
     # a graph's output buffers are rewritten by its next replay: the carried state is copied out
-    progress.state = [(h.clone(), c.clone()) for h, c in detach_state(state)] if graphed is not None else detach_state(state)
+    progress.state = copy_state(state) if graphed is not None else detach_state(state)
     return progress
 
 

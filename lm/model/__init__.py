@@ -1,1 +1,1 @@
-"""The model: the language model, dropout strategies, the recurrence (time loop), the loss."""
+"""The model: the language model, its recurrent cells (LSTM, GRU), dropout strategies, the loss."""

@@ -10,10 +10,10 @@
   the placement the paper warns against.
 - ``none``.
 
-The model draws the masks on h_{t-1}; ``lm.model.recurrence`` applies them inside the
-layer's time loop (oneDNN's and cuDNN's LSTMs cannot take them).
+The model draws the masks on h_{t-1}; the cell (``lm.model.cells``) applies them inside its
+layer's time loop (oneDNN's and cuDNN's layers cannot take them).
 Weight dropping (DropConnect on the hidden-to-hidden matrix) is ``WeightDrop``,
-a ``torch.nn.utils.parametrize`` parametrization: no patching of ``nn.LSTM``.
+a ``torch.nn.utils.parametrize`` parametrization: no patching of ``nn.LSTM`` or ``nn.GRU``.
 All masks are inverted (scaled by 1/(1-p) at training time).
 
 Data parallelism (``BatchShare``): every process draws each mask for the global batch, with

@@ -1,16 +1,16 @@
-"""The LSTM language model of Zaremba et al. (2014), with the dropout strategies
-it is compared against as options of the same model (no copies).
+"""The recurrent language model of Zaremba et al. (2014), with the dropout strategies
+it is compared against, and the cell, as options of the same model (no copies).
 
-embedding -> drop -> LSTM_1 -> drop -> ... -> LSTM_L -> drop -> linear softmax
+embedding -> drop -> cell_1 -> drop -> ... -> cell_L -> drop -> linear softmax
 
 With the default ``zaremba`` variant, dropout sits in exactly L+1 places, all
 on the non-recurrent (vertical) connections, with a fresh mask for every
-element at every time step. The recurrence inside each layer (h_{t-1} -> h_t
-and the cell c) is never masked: each layer is a fused single-layer
-``nn.LSTM`` (cuDNN on GPU, oneDNN on CPU). Two cases run the same parameters
-through ``lm.model.recurrence.lstm_window`` instead: the variants that mask h_{t-1}
-(``variational`` with a recurrent rate, ``recurrent``), whose mask is its only
-mask input, and bf16 training (see ``_run_layer``).
+element at every time step. The recurrence inside each layer (h_{t-1} -> h_t,
+and the LSTM's cell c) is never masked: each layer is a cell of ``lm.model.cells``
+(the paper's LSTM, or a GRU), which runs the library's fused layer (cuDNN on GPU,
+oneDNN on CPU) unless training needs its own time loop: for the variants that mask
+h_{t-1} (``variational`` with a recurrent rate, ``recurrent``), whose mask the model
+draws and hands to the cell, and for bf16 training (``RecurrentCell.run``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from torch.nn.utils import parametrize
 
 from lm.config import DROPOUT_VARIANTS as VARIANTS
 from lm.config import ModelConfig, rates_used
+from lm.model.cells import CELLS
+from lm.model.cells.state import State
 from lm.model.dropout import WHOLE_BATCH, BatchShare, FreshDropout, WeightDrop, inverted_mask, locked_mask, word_mask
-from lm.model.recurrence import lstm_window
-
-State = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class LSTMLanguageModel(nn.Module):
+class LanguageModel(nn.Module):
     def __init__(
         self,
         vocab_size: int,
@@ -45,10 +44,14 @@ class LSTMLanguageModel(nn.Module):
         dropout_output: float = 0.0,
         weight_drop: float = 0.0,
         tie_weights: bool = False,
+        cell: str = "lstm",
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown dropout variant {variant!r}; one of {VARIANTS}")
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; one of {tuple(CELLS)}")
+        self.cell = cell
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -59,7 +62,7 @@ class LSTMLanguageModel(nn.Module):
         self.dropout_recurrent = dropout_recurrent
         self.dropout_output = dropout_output
         self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.layers = nn.ModuleList(nn.LSTM(hidden_size, hidden_size, batch_first=True) for _ in range(num_layers))
+        self.layers = nn.ModuleList(CELLS[cell](hidden_size, hidden_size) for _ in range(num_layers))
         # One module per place so tests and hooks can see every mask: drops[0]
         # is on the embedding output, drops[l] on the output of layer l
         # (zaremba and recurrent variants; rate 0 otherwise).
@@ -76,7 +79,7 @@ class LSTMLanguageModel(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> LSTMLanguageModel:
+    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> LanguageModel:
         return cls(
             vocab_size,
             cfg.hidden_size,
@@ -90,6 +93,7 @@ class LSTMLanguageModel(nn.Module):
             dropout_output=cfg.dropout_output,
             weight_drop=cfg.weight_drop,
             tie_weights=cfg.tie_weights,
+            cell=cfg.cell,
         )
 
     def reset_parameters(self) -> None:
@@ -106,9 +110,8 @@ class LSTMLanguageModel(nn.Module):
             drop.share = share
 
     def init_state(self, batch_size: int) -> State:
-        p = self.decoder.bias
-        zeros = lambda: torch.zeros(1, batch_size, self.hidden_size, device=p.device, dtype=p.dtype)  # noqa: E731
-        return [(zeros(), zeros()) for _ in range(self.num_layers)]
+        """Each layer's zero state, on the model's device and in its dtype."""
+        return [layer.initial_state(batch_size, self.decoder.bias) for layer in self.layers]
 
     @property
     def masks_recurrence(self) -> bool:
@@ -128,17 +131,10 @@ class LSTMLanguageModel(nn.Module):
             shape, batch_dim = (h.size(1), h.size(0), self.hidden_size), 1
         return inverted_mask(shape, self.dropout_recurrent, torch.float32, h.device, self.batch_share, batch_dim)
 
-    def _run_layer(self, layer: nn.LSTM, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """The fused LSTM (oneDNN / cuDNN), which nothing can reach inside, unless training needs
-        ``lstm_window``: to mask h_{t-1}, or under autocast (bf16). There, on CPU, oneDNN's bf16
-        LSTM is slower than ours, and on a GPU autocast would run cuDNN's LSTM in fp16 (its rule
-        for RNNs), weights, state and all, where the precision contract is bf16 products with
-        fp32 gates, cell and state. Without a mask ``lstm_window`` computes nn.LSTM's function."""
-        if self.training and self.masks_recurrence:
-            return lstm_window(layer, h, state, h_mask=self._recurrent_mask(h))
-        if self.training and torch.is_autocast_enabled(h.device.type):
-            return lstm_window(layer, h, state)
-        return layer(h, state)
+    def _run_layer(self, layer: nn.Module, h: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        """The layer's cell over the window, with a fresh mask on h_{t-1} when the variant draws one."""
+        h_mask = self._recurrent_mask(h) if self.training and self.masks_recurrence else None
+        return layer.run(h, state, h_mask=h_mask)
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x: [batch, time] ids -> logits [batch, time, vocab] and the final state."""
@@ -167,12 +163,6 @@ class LSTMLanguageModel(nn.Module):
                     h = drop(h)
                 new_state.append(layer_state)
         return h, new_state
-
-
-def detach_state(state: State) -> State:
-    """Cut the graph between BPTT windows while carrying the values over (in fp32, also
-    when a fused kernel under bf16 autocast returned them in bf16)."""
-    return [(h.detach().float(), c.detach().float()) for h, c in state]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ from lm.config import CONFIG_DIR, EvalConfig, GenerateConfig, TrainConfig
 
 # What each group is for, in a few words (the keys and presets come from the schema and configs/).
 PURPOSE = {
-    "model": "network size, dropout strategy and rates",
+    "model": "cell, network size, dropout strategy and rates",
     "data": "corpus, batching, BPTT length",
     "optim": "SGD, lr schedule, clipping",
     "trainer": "epochs, seed, device, precision, resume",

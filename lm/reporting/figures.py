@@ -6,7 +6,7 @@
 - ``placement.png``: for each dropout variant, which connections of a 2-layer LSTM unrolled over
   three steps carry a mask, and how the mask varies over time.
 
-Both come from ``lm.reporting.mask_probe``, which runs ``LSTMLanguageModel`` in training mode and
+Both come from ``lm.reporting.mask_probe``, which runs ``LanguageModel`` in training mode and
 reads the masks off the tensors, so a change to where the model drops changes the pictures (and
 fails tests/test_figures.py, which holds the probe's findings to the paper's statement of each
 variant). The strategies are the placements of ``make ablation`` (``configs/ablation/``), with
@@ -31,7 +31,8 @@ from lm.config import ModelConfig, TrainConfig, compose, validate
 from lm.data.batching import batchify, bptt_windows
 from lm.data.corpus import EOS, Corpus
 from lm.infra.outputs import Output, atomic_write, atomic_write_text, claim, png_of_size, text_with
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.cells.state import map_state
+from lm.model.language_model import LanguageModel
 from lm.reporting.mask_probe import PER_SEQUENCE, PER_STEP, WEIGHTS, Connection, ProbeResult, node, one_thread, probe
 
 MASKS_PNG = "masks_over_time.png"
@@ -80,7 +81,7 @@ def placement_config(name: str) -> ModelConfig:
 class BriefTraining:
     """The model behind the hidden units, and how far its training got."""
 
-    model: LSTMLanguageModel  # fp32, the weights of the float64 training
+    model: LanguageModel  # fp32, the weights of the float64 training
     config: TrainConfig
     steps: int
     tokens: int
@@ -102,11 +103,11 @@ def train_briefly(corpus: Corpus, steps: int = TRAIN_STEPS, seed: int = SEED) ->
     tokens = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LSTMLanguageModel.from_config(cfg.model, len(corpus.vocab)).double().train()
+        model = LanguageModel.from_config(cfg.model, len(corpus.vocab)).double().train()
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
         state = model.init_state(cfg.data.batch_size)
         for index, (x, y) in enumerate(windows):
-            state = [(h.detach(), c.detach()) for h, c in state]
+            state = map_state(torch.Tensor.detach, state)
             logits, state = model(x, state)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
             optimizer.zero_grad()
@@ -141,7 +142,7 @@ def strategy_probes(trained: BriefTraining, ids: torch.Tensor, seed: int = SEED)
     results = {}
     for name in STRATEGIES:
         with torch.random.fork_rng(devices=[]):  # its initial weights, replaced at once, draw from a copy
-            model = LSTMLanguageModel.from_config(placement_config(name), trained.model.vocab_size)
+            model = LanguageModel.from_config(placement_config(name), trained.model.vocab_size)
         model.load_state_dict(trained.model.state_dict())
         results[name] = probe(model, ids, seed)
     return results
@@ -158,7 +159,7 @@ def placement_probes(seed: int = SEED) -> dict[str, ProbeResult]:
     for name in PLACEMENTS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LSTMLanguageModel.from_config(placement_config(name), PROBE_VOCAB)
+            model = LanguageModel.from_config(placement_config(name), PROBE_VOCAB)
         results[name] = probe(model, probe_words(seed), seed)
     return results
 
@@ -396,7 +397,7 @@ def make_figures(corpus: Corpus, out: Path, steps: int = TRAIN_STEPS, seed: int 
         ids, words = first_sentence(corpus)
         p = rates_shown()
         caption = (
-            f"Dropout masks as LSTMLanguageModel draws them in training (seed {seed}; p = {p} at every place), and the hidden "
+            f"Dropout masks as LanguageModel draws them in training (seed {seed}; p = {p} at every place), and the hidden "
             f"units of layer 1\nof the paper's small LSTM after {trained.steps} training windows, over the first "
             f"validation sentence (batch row 1; black: dropped, white: kept)"
         )

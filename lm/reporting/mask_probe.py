@@ -2,9 +2,9 @@
 behind the pictures in results/figures/ (``lm.reporting.figures``) and the test that holds each
 dropout variant to the paper's statement of it.
 
-The probe runs the real ``LSTMLanguageModel`` forward in training mode and watches the tensors at
+The probe runs the real ``LanguageModel`` forward in training mode and watches the tensors at
 its modules' boundaries: the embedding's output, each layer's input and output (whichever path
-runs the layer: ``nn.LSTM`` or the model's own time loop ``lstm_window``) and the decoder's input.
+runs the layer: the library's fused layer or the cell's own time loop ``window``) and the decoder's input.
 A connection between two of them carries a mask where the tensor that arrives has zeros that the
 tensor that left does not: the kept/dropped pattern is read off the tensors themselves, so it is
 whatever the model's code drew (``FreshDropout``'s kernel, a locked mask, a word mask), never a
@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils import parametrize
 
-from lm.model import language_model
-from lm.model.language_model import LSTMLanguageModel
+from lm.model.language_model import LanguageModel
 
 PER_STEP = "per step"  # a fresh mask at every time step
 PER_SEQUENCE = "per sequence"  # one mask for the whole sequence (each batch row its own)
 WEIGHTS = "weights"  # DropConnect: entries of a weight matrix dropped, one mask per forward
-# Where DropConnect on an nn.LSTM weight lands: the recurrent weights carry h_{t-1} -> h_t, the
-# input weights the connection into the layer (nn.LSTM's parameter names for its single layer).
+# Where DropConnect on a cell's weight lands: the recurrent weights carry h_{t-1} -> h_t, the input
+# weights the connection into the layer (the parameter names every cell keeps from nn.LSTM / nn.GRU).
 WEIGHT_CONNECTION = {"weight_hh_l0": "recurrent", "weight_ih_l0": "into"}
 TOLERANCE = 1e-4  # a layer whose output moves by more than this between train and eval mode is stochastic
 
@@ -142,7 +141,7 @@ def one_thread() -> Iterator[None]:
 
 
 @contextmanager
-def _recording(model: LSTMLanguageModel) -> Iterator[dict]:
+def _recording(model: LanguageModel) -> Iterator[dict]:
     """Hooks on the model's modules and on its call of the time loop, removed on leaving."""
     seen: dict = {"layers": {}, "h_masks": {}, "weights": []}
     layers = list(model.layers)
@@ -156,26 +155,29 @@ def _recording(model: LSTMLanguageModel) -> Iterator[dict]:
             hooks.append(
                 chain.register_forward_hook(lambda m, args, out, i=index, n=name: seen["weights"].append((i, n, m, out)))
             )
-    real_window = language_model.lstm_window
 
-    def window(layer, x, state, h_mask=None, w_hh=None):
-        out = real_window(layer, x, state, h_mask=h_mask, w_hh=w_hh)
-        index = next(i for i, known in enumerate(layers) if known is layer)
-        seen["layers"][index] = (x, out[0])
-        if h_mask is not None:
-            seen["h_masks"][index] = h_mask
-        return out
+    def watched(index: int, real_window):
+        def window(x, state, h_mask=None, w_hh=None):
+            out = real_window(x, state, h_mask=h_mask, w_hh=w_hh)
+            seen["layers"][index] = (x, out[0])
+            if h_mask is not None:
+                seen["h_masks"][index] = h_mask
+            return out
 
-    language_model.lstm_window = window
+        return window
+
+    for index, layer in enumerate(layers):  # the cell's own time loop, the one place a mask on h_{t-1} enters
+        layer.window = watched(index, layer.window)
     try:
         yield seen
     finally:
-        language_model.lstm_window = real_window
+        for layer in layers:
+            del layer.window
         for hook in hooks:
             hook.remove()
 
 
-def probe(model: LSTMLanguageModel, ids: torch.Tensor, seed: int = 0) -> ProbeResult:
+def probe(model: LanguageModel, ids: torch.Tensor, seed: int = 0) -> ProbeResult:
     """Run ``model`` forward in training mode over ``ids`` [batch, time] from a zero state, torch's
     generator seeded with ``seed`` (the caller's generator state is restored after), on one thread,
     and report every mask it drew on every connection. The model's mode is restored after."""
@@ -194,7 +196,7 @@ def probe(model: LSTMLanguageModel, ids: torch.Tensor, seed: int = 0) -> ProbeRe
     return ProbeResult(model.num_layers, masks, hidden)
 
 
-def _masks(model: LSTMLanguageModel, seen: dict, state) -> list[Mask]:
+def _masks(model: LanguageModel, seen: dict, state) -> list[Mask]:
     L = model.num_layers
     missing = [i + 1 for i in range(L) if i not in seen["layers"]]
     if missing or "embedding" not in seen or "decoder" not in seen:
@@ -226,7 +228,7 @@ def _masks(model: LSTMLanguageModel, seen: dict, state) -> list[Mask]:
     return [m for c in connections(L) for m in found[c]]
 
 
-def _check_layers_accounted_for(model: LSTMLanguageModel, seen: dict, state, inside: set[int]) -> None:
+def _check_layers_accounted_for(model: LanguageModel, seen: dict, state, inside: set[int]) -> None:
     """A layer's output in training must equal its eval-mode output on the same input and state
     exactly when the probe saw no mask inside it (on h_{t-1} or on its weights)."""
     model.eval()

@@ -1,7 +1,7 @@
 """One GRU layer over a BPTT window on the compiled CPU kernel (``gru_forward``/``gru_backward``
 in ``lm/kernels/csrc/fused.cpp``), as an autograd Function.
 
-Why a kernel: as for the LSTM (``lm.model.recurrence``), a step is one [B, H] x [H, 3H] product
+Why a kernel: as for the LSTM (``lm.model.cells.lstm``), a step is one [B, H] x [H, 3H] product
 and a dozen small element-wise ops that PyTorch would launch one by one; the kernel does the
 element-wise part in one pass per step, forward and backward, and the weight gradient is one
 product over all steps.
