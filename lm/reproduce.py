@@ -3,9 +3,10 @@
 The paper's rows need many runs: 10 small models (single and averages of 2, 5 and 10), 3 medium
 (mean ± std, averages of 2 and 3), a large one, and Gal & Ghahramani's variational medium model
 (standard and Monte Carlo dropout evaluation); ``--parts placement`` adds the paper's argument at
-the medium size. The plan (``lm.engine.reproduction``) runs the steps whose inputs are ready,
-``--jobs`` at a time, continues where a stop, a crash or a new session left it, and ends with the
-table of what is done. ``--estimate`` prints the hours it would take here instead.
+the medium size, ``--parts gru`` the small and medium recipes with a GRU. The plan
+(``lm.engine.reproduction``) runs the steps whose inputs are ready, ``--jobs`` at a time,
+continues where a stop, a crash or a new session left it, and ends with the table of what is
+done. ``--estimate`` prints the hours it would take here instead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def parser() -> ArgumentParser:
         choices=PARTS,
         default=list(DEFAULT_PARTS),
         help="rows to reproduce (default: Table 1's, small medium large gal); placement: the medium recipe with "
-        "dropout on h_{t-1} too and with none, 39 epochs each",
+        "dropout on h_{t-1} too and with none, 39 epochs each; gru: the small and medium recipes with model.cell=gru",
     )
     p.add_argument("--jobs", type=positive_int, default=1, help="steps at once; the cores are shared among them")
     p.add_argument("--small-models", type=positive_int, default=10, help="small models trained (the paper averages 2, 5, 10)")

@@ -291,6 +291,44 @@ def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dic
     }
 
 
+CELL_MODES = {  # how a cell's layer runs in training: (variant, model keyword rates, bf16)
+    "fp32 zaremba (library layer)": ("zaremba", {}, False),
+    "fp32 variational (own loop, h masked)": ("variational", VARIANT_RATES["variational"][1], False),
+    "bf16 zaremba (own loop)": ("zaremba", {}, True),
+}
+
+
+def bench_cells(windows_per_rep: int, reps: int, device: torch.device, bf16: bool) -> dict:
+    """Training tokens/s of every cell (``model.cell``) at the medium size, each way its layer runs:
+    the library's fused layer (fp32 zaremba), the cell's own loop with a mask on h_{t-1}, and in bf16.
+    The cells take turns within each repetition; each ratio to the LSTM is a median of paired ratios."""
+    from lm.model.cells import CELLS
+
+    hidden, bptt, dropout, init = recipe_shapes("medium")
+    torch.manual_seed(0)
+    data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH).to(device)
+    windows = bptt_windows(data, bptt)[:windows_per_rep]
+    tokens = sum(y.numel() for _, y in windows)
+    report = {}
+    for mode, (variant, rates, in_bf16) in CELL_MODES.items():
+        if in_bf16 and not bf16:
+            continue
+        timers = {}
+        for cell in CELLS:
+            model = LanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, cell=cell, **rates).to(device)
+            opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
+            dtype = torch.bfloat16 if in_bf16 else None
+            timers[cell] = lambda model=model, opt=opt, dtype=dtype: (
+                train_epoch(model, windows, opt, 5.0, autocast_dtype=dtype).seconds
+            )
+        rates_by_cell = interleaved_rates(timers, tokens, reps)
+        report[mode] = {
+            cell: {"train_tokens_per_s": statistics.median(r), "vs_lstm": paired_ratio(rates_by_cell["lstm"], r)}
+            for cell, r in rates_by_cell.items()
+        }
+    return report
+
+
 # bf16 step / fp32 reference, by the CPU's bf16 instructions (issue 13): with AMX bf16 products are
 # about five times cheaper than with AVX512-BF16 alone; without either, bf16 is emulated (no target)
 BF16_TARGETS = {"AMX": {"small": 2.0, "medium": 3.0, "large": 3.5}, "AVX512-BF16": {"small": 1.6, "medium": 2.0}}
@@ -407,6 +445,7 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
         "skipped": [],
         "quick": args.quick,
         "variants_medium": None,
+        "cells_medium": None,
         "threads": torch.get_num_threads(),
         "device": where if device.type == "cuda" else "cpu",
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
@@ -505,6 +544,12 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
                 }
             )
             print(f"target {targets[-1]['target']}: {slowdown:.2f} -> {'met' if targets[-1]['met'] else 'NOT met'}")
+    cells = bench_cells(windows, reps, device, time_bf16) if time_left("cells") else None
+    if cells:
+        report["cells_medium"] = cells
+        for mode, by_cell in cells.items():
+            speeds = (f"{c} {v['train_tokens_per_s']:,.0f} tok/s ({v['vs_lstm']:.2f}x the LSTM)" for c, v in by_cell.items())
+            print(f"cells at medium, {mode}: " + ", ".join(speeds))
     report["complete"] = not report["skipped"]
     report["seconds"] = time.perf_counter() - started
     atomic_write_json(out_path, report)

@@ -163,3 +163,35 @@ def test_the_compiled_window_on_cuda_is_the_eager_window(dtype):
         x_proj.grad = w_hh.grad = None
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_gru_window_on_cuda_is_the_eager_loop(dtype):
+    """The GRU's compiled step on the GPU: the values and gradients of its plain loop, per-step masks."""
+    from lm.model.cells.gru import gru_step
+    from lm.model.cells.loop import CompiledWindow, window_loop
+
+    torch.manual_seed(0)
+    steps, batch, hidden = 6, 4, 16
+    x_proj = torch.randn(steps, batch, 3 * hidden, device="cuda", requires_grad=True)
+    w_hh = torch.randn(3 * hidden, hidden, device="cuda", requires_grad=True)
+    b_hn = torch.randn(hidden, device="cuda", requires_grad=True)
+    h0 = torch.randn(batch, hidden, device="cuda")
+    mask = (torch.rand(steps, batch, hidden, device="cuda") > 0.3) / 0.7
+    compiled = CompiledWindow(gru_step, "GRU")
+    results = []
+    for fn in (lambda *args: window_loop(gru_step, *args), compiled):
+        out, (h,) = fn(x_proj, (h0,), (w_hh.to(dtype).t(), b_hn), mask, dtype)
+        (out.sin().sum() + h.sum()).backward()
+        results.append([out.detach(), h.detach(), x_proj.grad.clone(), w_hh.grad.clone(), b_hn.grad.clone()])
+        x_proj.grad = w_hh.grad = b_hn.grad = None
+    assert not compiled.failed
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_gru_model_trains_on_cuda_under_the_masked_variant(shared_tiny_corpus, tmp_path):
+    gru = ("model.cell=gru", "model.dropout_variant=variational", "model.dropout_recurrent=0.3")
+    metrics = _two_steps(shared_tiny_corpus, tmp_path, "cuda", *gru)
+    assert math.isfinite(metrics["test_ppl"]) and metrics["config"]["model"]["cell"] == "gru"
+    assert metrics["step_paths"]["time_loop"]["path"] == "compiled step (torch.compile)"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lm.config import recipe
 from lm.data.corpus import load_corpus
 from lm.engine import estimate as estimate_module
 from lm.engine import reproduction as reproduction_module
@@ -101,6 +102,15 @@ def test_only_selects_steps_by_name_and_a_run_needs_what_its_steps_need(tmp_path
         "train zaremba_small seed 2",
         "average 2 zaremba_small models",
     ]
+
+
+def test_the_gru_part_trains_the_small_and_medium_recipes_with_a_gru(tmp_path: Path):
+    steps = plan(tmp_path, ["gru"], 10, 3, 100, [])
+    assert [s.name for s in steps] == ["train gru_small seed 1", "train gru_medium seed 1"]
+    for step, experiment in zip(steps, ("zaremba_small", "zaremba_medium")):
+        gru, lstm = train_config(list(step.work.overrides)), train_config([f"experiment={experiment}", "trainer.seed=1"])
+        assert gru.model.cell == "gru" and lstm.model.cell == "lstm"
+        assert {**recipe(gru), "model.cell": "lstm"} == recipe(lstm)  # the paper's recipe but for the cell
 
 
 def test_the_placement_part_trains_the_medium_recipe_with_dropout_on_h_and_with_none(tmp_path: Path, capsys):

@@ -59,9 +59,9 @@ RATES = {
 IDS = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(0))
 
 
-def small_model(variant: str, **rates) -> LanguageModel:
+def small_model(variant: str, cell: str = "lstm", **rates) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(10, 16, LAYERS, 0.25, 0.1, variant=variant, **rates)
+    return LanguageModel(10, 16, LAYERS, 0.25, 0.1, variant=variant, cell=cell, **rates)
 
 
 def masked(result) -> dict[Connection, tuple[str, ...]]:
@@ -71,6 +71,12 @@ def masked(result) -> dict[Connection, tuple[str, ...]]:
 @pytest.mark.parametrize("variant", sorted(PAPER))
 def test_the_probe_finds_each_variant_where_the_paper_puts_it(variant):
     assert masked(probe(small_model(**RATES[variant]), IDS)) == PAPER[variant]
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER))
+def test_a_gru_masks_the_same_connections_as_the_lstm(variant):
+    """The strategies are the model's, not the cell's: the probe finds the GRU's masks where the LSTM's are."""
+    assert masked(probe(small_model(**RATES[variant], cell="gru"), IDS)) == PAPER[variant]
 
 
 @pytest.mark.full

@@ -115,12 +115,15 @@ def test_a_run_is_compared_by_its_recipe_not_its_name(tmp_path: Path):
         "other-cell": ["experiment=zaremba_small", "model.dropout_variant=variational", "model.dropout_input=0.3"],
         "other-corpus": ["experiment=zaremba_small", "data=custom", "data.dir=/elsewhere"],
         "other-schedule": ["experiment=zaremba_small", "optim=zaremba_medium"],
+        "gru": ["experiment=gru_small"],  # the small recipe with a GRU: beside our LSTM runs of it
     }
     for folder, overrides in cases.items():
         train(train_config(tiny_overrides(corpus, "trainer.epochs=1")), results / folder)
         as_trained_with(results / folder, *overrides)
     compared = write_report(results, plots=False).partition("## Runs")[0]
     assert "| zaremba_small | 2 |" in compared and "| gal_medium | 1 |" in compared
+    gru_row = next(line for line in compared.splitlines() if line.startswith("| zaremba_small | gru |"))
+    assert gru_row.startswith("| zaremba_small | gru | 1 |") and "(2) |" in gru_row and gru_row.endswith("| 114.5 |")
     apart = [line for line in compared.splitlines() if line.startswith("| `")]
     for line, (folder, differs) in zip(
         apart,

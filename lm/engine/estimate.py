@@ -346,12 +346,7 @@ class Stopwatch:
         torch.manual_seed(cfg.trainer.seed)
         model = LanguageModel.from_config(cfg.model, vocab).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-        options = StepOptions(  # as lm.engine.run's prepare_run builds it (one process)
-            max_grad_norm=cfg.optim.max_grad_norm,
-            weight_decay=cfg.optim.weight_decay,
-            autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
-            skip_nonfinite=cfg.trainer.nonfinite == "skip",
-        )
+        options = StepOptions.from_config(cfg)  # as the training builds them (one process)
         ids = torch.randint(vocab, (batch * (bptt * (WARMUP_WINDOWS + TRAIN_WINDOWS) + 1),))
         windows = bptt_windows(batchify(ids, batch).to(device), bptt)
         stamps = [time.perf_counter()]

@@ -4,7 +4,8 @@ The paper's rows need many runs: 10 small models (single and averages of 2, 5 an
 3 medium (mean ± std, averages of 2 and 3), a large one, and Gal & Ghahramani's
 variational medium model (standard and Monte Carlo dropout evaluation); ``--parts
 placement`` adds the paper's argument at the medium size (its recipe with a fresh dropout
-mask on h_{t-1} as well, and with no dropout), beside the medium row's seed 1. This command
+mask on h_{t-1} as well, and with no dropout), beside the medium row's seed 1, and ``--parts gru``
+the small and medium recipes with a GRU in place of the LSTM. This command
 plans them as steps (train, average, evaluate), runs the steps whose inputs are ready,
 ``--jobs`` at a time, and prints the table of what is done. Each step is skipped when
 its result file exists and continues from its checkpoint when it does not
@@ -40,8 +41,10 @@ from lm.infra.errors import UsageError
 from lm.infra.faults import TrainingInterrupted
 from lm.infra.outputs import check_output_folder
 
-PARTS = ("small", "medium", "large", "gal", "placement")
-# Table 1's rows. The placements are not in it (and add two medium trainings): asked for by name.
+PARTS = ("small", "medium", "large", "gal", "placement", "gru")
+# Table 1's rows. The placements and the GRU are not in it (two medium trainings each, the GRU a small
+# one too): asked for by name.
+GRU_EXPERIMENTS = ("gru_small", "gru_medium")  # the paper's small and medium recipes with model.cell=gru
 DEFAULT_PARTS = ("small", "medium", "large", "gal")
 # The placement part: the medium recipe with dropout moved (name: overrides), compared with the medium row's seed 1.
 PLACEMENTS = {
@@ -124,6 +127,9 @@ def plan(
     for part in parts:
         if part == "placement":
             steps += [_train(root, "zaremba_medium", 1, extra, placement) for placement in PLACEMENTS]
+            continue
+        if part == "gru":
+            steps += [_train(root, experiment, 1, extra) for experiment in GRU_EXPERIMENTS]
             continue
         experiment, n = counts[part]
         members = [_train(root, experiment, seed, extra) for seed in range(1, n + 1)]
@@ -420,6 +426,8 @@ def check_train_args(parts: list[str], extra: list[str], data_dir: str | None) -
     trainings = [[f"experiment={experiments[part]}"] for part in parts if part in experiments]
     if "placement" in parts:
         trainings += [["experiment=zaremba_medium", *changes] for changes in PLACEMENTS.values()]
+    if "gru" in parts:
+        trainings += [[f"experiment={experiment}"] for experiment in GRU_EXPERIMENTS]
     for own in trainings:
         try:
             cfg = compose("train", quote_paths([*own, *extra, *data]), return_hydra_config=True)

@@ -162,13 +162,7 @@ def prepare_run(cfg: TrainConfig, out_dir: Path, overrides: list[str]) -> Run:
     model = LanguageModel.from_config(cfg.model, len(corpus.vocab)).to(device)
     model.share_batch(group.share(cfg.data.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-    step_options = StepOptions(
-        max_grad_norm=cfg.optim.max_grad_norm,
-        weight_decay=cfg.optim.weight_decay,
-        autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
-        skip_nonfinite=cfg.trainer.nonfinite == "skip",
-        objective=group.wrap(WindowLoss(model), device),
-    )
+    step_options = StepOptions.from_config(cfg, objective=group.wrap(WindowLoss(model), device))
     if cfg.trainer.overwrite and group.is_main:  # only now that the new run can start: a refused one keeps the old
         clear_run_folder(out_dir)
     run = Run(

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lm.config import OptimConfig
+from lm.config import OptimConfig, TrainConfig
 from lm.engine.graphs import StepGraphs, backend_for, graphs_mode
 from lm.infra.faults import NonFiniteError, fault_point
 from lm.kernels.weight_copies import WeightCopies, applies, fp32_norm
@@ -57,6 +57,17 @@ class StepOptions:
         True  # bf16: products read bf16 weight copies that the step rewrites, where they apply (lm.kernels.weight_copies)
     )
     cuda_graphs: bool = True  # GPU: replay the step as a CUDA graph where it applies (lm.engine.graphs; LM_CUDA_GRAPHS=0: never)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, objective: torch.nn.Module | None = None) -> StepOptions:
+        """A run's options: the training (``lm.engine.run``) and the estimate of its hours build them here."""
+        return cls(
+            max_grad_norm=cfg.optim.max_grad_norm,
+            weight_decay=cfg.optim.weight_decay,
+            autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
+            skip_nonfinite=cfg.trainer.nonfinite == "skip",
+            objective=objective,
+        )
 
 
 @dataclass(frozen=True)

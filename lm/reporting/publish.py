@@ -12,6 +12,7 @@ from lm.reporting.results import ResultFile, find_runs
 from lm.reporting.tables import (
     GENERATED_MARK,
     averages_not_run,
+    cells_table,
     comparison_table,
     ensemble_table,
     other_recipes_table,
@@ -120,6 +121,9 @@ def write_report(root: Path, plots: bool = True, readme: Path | None = None) -> 
     if readme is not None and same_path(readme_block_source(readme), root):  # make table: the README's own results/
         if runs:
             block = comparison_table(runs, every_paper_row=True)
+            cells = cells_table(runs)
+            if cells:
+                block += "\n\nAnother cell on a paper recipe (no published number; beside our LSTM runs):\n\n" + cells
             if ensembles:
                 block += "\n\n" + ensemble_table(ensembles)
             missing = averages_not_run(ensembles)

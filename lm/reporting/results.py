@@ -49,6 +49,19 @@ def paper_experiment(run: ResultFile) -> str | None:
     return next((name for name, ref in reference_recipes().items() if run.recipe == ref), None)
 
 
+PAPER_CELL = "lstm"  # every row of the paper's Table 1 and its follow-ups
+
+
+def other_cell_experiment(run: ResultFile) -> tuple[str, str] | None:
+    """(experiment, cell) for a run whose recipe is a published experiment's but for its cell (a GRU
+    trained on the small recipe), else None: no paper number, but our LSTM runs of that recipe."""
+    if run.recipe is None or run.recipe.get("model.cell", PAPER_CELL) == PAPER_CELL:
+        return None
+    as_paper = {**run.recipe, "model.cell": PAPER_CELL}
+    name = next((name for name, ref in reference_recipes().items() if as_paper == ref), None)
+    return None if name is None else (name, run.recipe["model.cell"])
+
+
 def recipe_difference(run: ResultFile, experiment: str) -> str:
     """How a run's recipe differs from ``experiment``'s, in words."""
     if run.recipe is None:
