@@ -301,7 +301,8 @@ CELL_MODES = {  # how a cell's layer runs in training: (variant, model keyword r
 def bench_cells(windows_per_rep: int, reps: int, device: torch.device, bf16: bool) -> dict:
     """Training tokens/s of every cell (``model.cell``) at the medium size, each way its layer runs:
     the library's fused layer (fp32 zaremba), the cell's own loop with a mask on h_{t-1}, and in bf16.
-    The cells take turns within each repetition; each ratio to the LSTM is a median of paired ratios."""
+    The cells take turns within each repetition; each speed relative to the LSTM's is a median of
+    paired ratios."""
     from lm.model.cells import CELLS
 
     hidden, bptt, dropout, init = recipe_shapes("medium")
@@ -323,7 +324,7 @@ def bench_cells(windows_per_rep: int, reps: int, device: torch.device, bf16: boo
             )
         rates_by_cell = interleaved_rates(timers, tokens, reps)
         report[mode] = {
-            cell: {"train_tokens_per_s": statistics.median(r), "vs_lstm": paired_ratio(rates_by_cell["lstm"], r)}
+            cell: {"train_tokens_per_s": statistics.median(r), "speed_vs_lstm": paired_ratio(r, rates_by_cell["lstm"])}
             for cell, r in rates_by_cell.items()
         }
     return report
@@ -548,7 +549,9 @@ def run_bench(args: argparse.Namespace, device: torch.device, out_path: str) -> 
     if cells:
         report["cells_medium"] = cells
         for mode, by_cell in cells.items():
-            speeds = (f"{c} {v['train_tokens_per_s']:,.0f} tok/s ({v['vs_lstm']:.2f}x the LSTM)" for c, v in by_cell.items())
+            speeds = (
+                f"{c} {v['train_tokens_per_s']:,.0f} tok/s ({v['speed_vs_lstm']:.2f}x the LSTM's)" for c, v in by_cell.items()
+            )
             print(f"cells at medium, {mode}: " + ", ".join(speeds))
     report["complete"] = not report["skipped"]
     report["seconds"] = time.perf_counter() - started
