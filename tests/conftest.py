@@ -7,7 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from lm import kernels
+
 from helpers import write_corpus
+
+
+@pytest.fixture(params=["fused", "pytorch"])
+def backend(request, monkeypatch):
+    """A test of a cell's own loop, run on the compiled kernels and on the plain PyTorch fallback
+    (CI has a compiler: there the kernels must build)."""
+    if request.param == "fused":
+        if kernels.fused() is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("the fused kernels did not build in CI")
+            pytest.skip("no compiler here: the fused kernels are unavailable")
+    else:
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    return request.param
 
 
 @pytest.fixture

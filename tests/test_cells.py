@@ -6,7 +6,6 @@ evaluates, averages and generates end to end, and checkpoints refuse another cel
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -29,19 +28,6 @@ from lm.model.language_model import LanguageModel
 from helpers import REPO, tiny_overrides, train_config
 
 B, T, H = 3, 6, 5
-
-
-@pytest.fixture(params=["fused", "pytorch"])
-def backend(request, monkeypatch):
-    """The cell's own loop on the compiled kernels and on the plain PyTorch fallback."""
-    if request.param == "fused":
-        if kernels.fused() is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("the fused kernels did not build in CI")
-            pytest.skip("no compiler here: the fused kernels are unavailable")
-    else:
-        monkeypatch.setattr(kernels, "available", lambda device: False)
-    return request.param
 
 
 def _outputs_and_gradients(fn, layer, x, state):

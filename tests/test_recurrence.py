@@ -29,20 +29,6 @@ def _run(fn, layer, x, state):
     return [out.detach(), h.detach(), c.detach()] + [p.grad.clone() for p in [x, *state, *layer.parameters()]]
 
 
-@pytest.fixture(params=["fused", "pytorch"])
-def backend(request, monkeypatch):
-    """Each test runs on the compiled kernels and on the fallback (CI has a compiler: there the
-    kernels must build)."""
-    if request.param == "fused":
-        if kernels.fused() is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("the fused kernels did not build in CI")
-            pytest.skip("no compiler here: the fused kernels are unavailable")
-    else:
-        monkeypatch.setattr(kernels, "available", lambda device: False)
-    return request.param
-
-
 @pytest.fixture
 def problem():
     torch.manual_seed(0)

@@ -214,6 +214,38 @@ class StepProduct {
   at::Tensor w_t_, packed_;
 };
 
+// The mask on h_{t-1} of the variational and recurrent dropout variants: none, one [B, H] shared by
+// every step, or one per step ([T, B, H]); fp32, already scaled.
+class StepMask {
+ public:
+  StepMask(const c10::optional<at::Tensor>& mask, int64_t B, int64_t H)
+      : mask_(mask.has_value() && mask->defined() ? *mask : at::Tensor()),
+        data_(mask_.defined() ? mask_.data_ptr<float>() : nullptr),
+        stride_(mask_.defined() && mask_.dim() == 3 ? B * H : 0) {}
+
+  bool defined() const { return data_ != nullptr; }
+  // step t's mask (nullptr without one), rows of H
+  const float* at(int64_t t) const { return data_ == nullptr ? nullptr : data_ + t * stride_; }
+  // step 0's mask as a [B, H] tensor (defined() only)
+  at::Tensor first() const { return stride_ != 0 ? mask_[0] : mask_; }
+
+ private:
+  at::Tensor mask_;
+  const float* data_;
+  int64_t stride_;
+};
+
+// h_in[:, 0] = h0 * mask_0 in the product dtype, also written to step_in (the first product's
+// contiguous input).
+template <typename scalar_t>
+void first_product_input(int64_t B, int64_t T, int64_t H, const float* h0p, const float* m, scalar_t* h_in_p,
+                         scalar_t* step_in_p) {
+  for (int64_t b = 0; b < B; ++b) {
+    masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
+    std::memcpy(step_in_p + b * H, h_in_p + b * T * H, H * sizeof(scalar_t));
+  }
+}
+
 template <typename scalar_t>
 std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& h_mask) {
@@ -227,26 +259,14 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
   const StepProduct product(w_hh, B);
   cells[0].copy_(c0);
 
-  const bool has_mask = h_mask.has_value() && h_mask->defined();
-  const bool mask_per_step = has_mask && h_mask->dim() == 3;
-  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
-  auto mask_at = [&](int64_t t) -> const float* {
-    return mask == nullptr ? nullptr : mask + (mask_per_step ? t * B * H : 0);
-  };
+  const StepMask masks(h_mask, B, H);
 
   scalar_t* h_in_p = data<scalar_t>(h_in);
   // the product's input of the step at hand, also written contiguously (h_in[:, t] is strided,
   // and a product on a strided input would copy it first: 70 small copies a window)
   at::Tensor step_in = at::empty({B, H}, x_proj.options());
   scalar_t* step_in_p = data<scalar_t>(step_in);
-  {  // h_in[:, 0] = h0 * mask_0
-    const float* h0p = h0.data_ptr<float>();
-    const float* m = mask_at(0);
-    for (int64_t b = 0; b < B; ++b) {
-      masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
-      std::memcpy(step_in_p + b * H, h_in_p + b * T * H, H * sizeof(scalar_t));
-    }
-  }
+  first_product_input<scalar_t>(B, T, H, h0.data_ptr<float>(), masks.at(0), h_in_p, step_in_p);
   const scalar_t* xp = data<scalar_t>(x_proj);
   float* actp = acts.data_ptr<float>();
   float* cellp = cells.data_ptr<float>();
@@ -256,7 +276,7 @@ std::vector<at::Tensor> lstm_forward_impl(const at::Tensor& x_proj, const at::Te
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor rec = product(step_in);  // [B, 4H]
     const scalar_t* recp = data<scalar_t>(rec);
-    const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
+    const float* m_next = t + 1 < T ? masks.at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* h_row = outp + (b * T + t) * H;
@@ -287,9 +307,7 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
   scalar_t* step_dg_p = data<scalar_t>(step_dg);
   at::Tensor dh = d_h_last.to(at::kFloat).contiguous().clone();
   at::Tensor dc = d_c_last.to(at::kFloat).contiguous().clone();
-  const bool has_mask = h_mask.has_value() && h_mask->defined();
-  const bool mask_per_step = has_mask && h_mask->dim() == 3;
-  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+  const StepMask masks(h_mask, B, H);
 
   const float* d_outp = d_out.defined() ? d_out.data_ptr<float>() : nullptr;
   const float* actp = acts.data_ptr<float>();
@@ -303,7 +321,7 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool have_rec = t < T - 1;
     // the mask that multiplied h_t on its way into step t + 1
-    const float* m = (mask == nullptr || !have_rec) ? nullptr : mask + (mask_per_step ? (t + 1) * B * H : 0);
+    const float* m = have_rec ? masks.at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H4), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* dh_b = dhp + b * H;  // at the last step it holds d h_T already
@@ -319,7 +337,7 @@ std::vector<at::Tensor> lstm_backward_impl(const at::Tensor& d_out, const at::Te
   }
   // d h0 = (d h_0 through the first product) * mask_0
   at::Tensor dh0 = dh_rec.to(at::kFloat);
-  if (has_mask) dh0.mul_(mask_per_step ? (*h_mask)[0] : *h_mask);
+  if (masks.defined()) dh0.mul_(masks.first());
   at::Tensor d_w = at::mm(d_gates.view({B * T, H4}).t(), h_in.view({B * T, H}));
   return {d_gates, dh0, dc, d_w};
 }
@@ -440,24 +458,13 @@ std::vector<at::Tensor> gru_forward_impl(const at::Tensor& x_proj, const at::Ten
   at::Tensor gh_n = at::empty({T, B, H}, f32);   // W_hn h_in + b_hn
   const StepProduct product(w_hh, B);
 
-  const bool has_mask = h_mask.has_value() && h_mask->defined();
-  const bool mask_per_step = has_mask && h_mask->dim() == 3;
-  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
-  auto mask_at = [&](int64_t t) -> const float* {
-    return mask == nullptr ? nullptr : mask + (mask_per_step ? t * B * H : 0);
-  };
+  const StepMask masks(h_mask, B, H);
 
   scalar_t* h_in_p = data<scalar_t>(h_in);
   at::Tensor step_in = at::empty({B, H}, x_proj.options());  // h_in[:, t], contiguous for the product
   scalar_t* step_in_p = data<scalar_t>(step_in);
   const float* h0p = h0.data_ptr<float>();
-  {  // h_in[:, 0] = h0 * mask_0
-    const float* m = mask_at(0);
-    for (int64_t b = 0; b < B; ++b) {
-      masked_copy<scalar_t>(H, h0p + b * H, m ? m + b * H : nullptr, h_in_p + b * T * H);
-      std::memcpy(step_in_p + b * H, h_in_p + b * T * H, H * sizeof(scalar_t));
-    }
-  }
+  first_product_input<scalar_t>(B, T, H, h0p, masks.at(0), h_in_p, step_in_p);
   const scalar_t* xp = data<scalar_t>(x_proj);
   const float* bp = b_hn.data_ptr<float>();
   float* actp = acts.data_ptr<float>();
@@ -467,7 +474,7 @@ std::vector<at::Tensor> gru_forward_impl(const at::Tensor& x_proj, const at::Ten
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor gh = product(step_in);  // [B, 3H]
     const scalar_t* ghp = data<scalar_t>(gh);
-    const float* m_next = t + 1 < T ? mask_at(t + 1) : nullptr;
+    const float* m_next = t + 1 < T ? masks.at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H3), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* h_row = outp + (b * T + t) * H;
@@ -500,9 +507,7 @@ std::vector<at::Tensor> gru_backward_impl(const at::Tensor& d_out, const at::Ten
   at::Tensor step_dg = at::empty({B, H3}, h_in.options());    // d_gh[:, t], contiguous for the product
   scalar_t* step_dg_p = data<scalar_t>(step_dg);
   at::Tensor dh = d_h_last.clone();  // d h_t, built up across the paths; after a step, the part of d h_{t-1} via z
-  const bool has_mask = h_mask.has_value() && h_mask->defined();
-  const bool mask_per_step = has_mask && h_mask->dim() == 3;
-  const float* mask = has_mask ? h_mask->data_ptr<float>() : nullptr;
+  const StepMask masks(h_mask, B, H);
 
   const float* d_outp = d_out.defined() ? d_out.data_ptr<float>() : nullptr;
   const float* actp = acts.data_ptr<float>();
@@ -518,7 +523,7 @@ std::vector<at::Tensor> gru_backward_impl(const at::Tensor& d_out, const at::Ten
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool have_rec = t < T - 1;
     // the mask that multiplied h_t on its way into step t + 1's product
-    const float* m = (mask == nullptr || !have_rec) ? nullptr : mask + (mask_per_step ? (t + 1) * B * H : 0);
+    const float* m = have_rec ? masks.at(t + 1) : nullptr;
     at::parallel_for(0, B, grain(H3), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* dh_b = dhp + b * H;
@@ -535,7 +540,7 @@ std::vector<at::Tensor> gru_backward_impl(const at::Tensor& d_out, const at::Ten
   }
   // d h0 = d h0 via z + (d h_in[:, 0] through the first product) * mask_0
   at::Tensor d_h_in0 = dh_rec.to(at::kFloat);
-  if (has_mask) d_h_in0.mul_(mask_per_step ? (*h_mask)[0] : *h_mask);
+  if (masks.defined()) d_h_in0.mul_(masks.first());
   at::Tensor dh0 = dh.add_(d_h_in0);
   at::Tensor d_w = at::mm(d_gh.view({B * T, H3}).t(), h_in.view({B * T, H}));
   return {d_x, dh0, d_w, d_bhn_rows.sum(0)};

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from lm.kernels.weight_copies import product_weight
+from lm.model.cells import loop
 from lm.model.cells.base import RecurrentCell
 from lm.model.cells.gru_kernel import FusedGRUWindow
-from lm.model.cells.loop import CompiledWindow, compute_dtype_of, window_loop, window_path
+from lm.model.cells.loop import compute_dtype_of, window_loop, window_path
 from lm.model.cells.state import LayerState
 
 
@@ -53,10 +54,7 @@ def gru_step(
     return (n + z * (h - n),)
 
 
-@functools.cache
-def compiled_window() -> CompiledWindow:
-    """The process's compiled GRU window."""
-    return CompiledWindow(gru_step, "GRU")
+compiled_window = functools.partial(loop.compiled_window, gru_step, "GRU")  # the process's compiled GRU window
 
 
 class GRULayer(RecurrentCell, nn.GRU):

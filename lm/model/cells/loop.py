@@ -12,6 +12,7 @@ never one per window length.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -119,6 +120,12 @@ class CompiledWindow:
             "compiled_signatures": len(self._ready),
             "windows_compiled": self.windows,
         }
+
+
+@functools.cache
+def compiled_window(step: Step, what: str) -> CompiledWindow:
+    """The process's compiled window of ``step`` (compiled graphs are cached per process anyway)."""
+    return CompiledWindow(step, what)
 
 
 def window_path(device: torch.device) -> str:

@@ -31,8 +31,9 @@ from torch import nn
 
 from lm import kernels
 from lm.kernels.weight_copies import product_weight
+from lm.model.cells import loop
 from lm.model.cells.base import RecurrentCell
-from lm.model.cells.loop import CompiledWindow, compute_dtype_of, window_path
+from lm.model.cells.loop import compute_dtype_of, window_path
 from lm.model.cells.state import LayerState
 
 
@@ -145,10 +146,7 @@ def lstm_step(
     return h, c
 
 
-@functools.cache
-def compiled_window() -> CompiledWindow:
-    """The process's compiled LSTM window (compiled graphs are cached per process anyway)."""
-    return CompiledWindow(lstm_step, "LSTM")
+compiled_window = functools.partial(loop.compiled_window, lstm_step, "LSTM")  # the process's compiled LSTM window
 
 
 class LSTMLayer(RecurrentCell, nn.LSTM):
