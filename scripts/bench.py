@@ -41,6 +41,7 @@ from lm.engine.evaluation import evaluate  # noqa: E402
 from lm.engine.runtime import fp32_products  # noqa: E402
 from lm.engine.step import graphs_status, train_epoch  # noqa: E402
 from lm.infra.checkpoint import atomic_write_json  # noqa: E402
+from lm.model.cells import CELLS  # noqa: E402
 from lm.model.language_model import LanguageModel  # noqa: E402
 
 SIZES = ("small", "medium", "large")  # the paper's recipes: experiment=zaremba_<size>
@@ -272,18 +273,29 @@ VARIANT_RATES = {  # dropout strategies at the medium size: (variant, model keyw
 }
 
 
-def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dict:
-    """Training tokens/s of each dropout strategy at the medium size (custom loop vs fused kernel)."""
-    hidden, bptt, dropout, init = recipe_shapes("medium")
+def medium_windows(windows_per_rep: int, device: torch.device) -> tuple[list, int]:
+    """``windows_per_rep`` training windows of random ids at the medium recipe's shape, and their tokens."""
+    _, bptt, _, _ = recipe_shapes("medium")
     torch.manual_seed(0)
     data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH).to(device)
     windows = bptt_windows(data, bptt)[:windows_per_rep]
-    tokens = sum(y.numel() for _, y in windows)
-    timers = {}
-    for name, (variant, rates) in VARIANT_RATES.items():
-        model = LanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, **rates).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-        timers[name] = lambda model=model, opt=opt: train_epoch(model, windows, opt, 5.0).seconds
+    return windows, sum(y.numel() for _, y in windows)
+
+
+def medium_step_timer(windows, device: torch.device, autocast_dtype: torch.dtype | None = None, **model_options):
+    """A function that trains a medium-size model with ``model_options`` on ``windows`` and returns the seconds."""
+    hidden, _, dropout, init = recipe_shapes("medium")
+    model = LanguageModel(VOCAB, hidden, LAYERS, dropout, init, **model_options).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
+    return lambda: train_epoch(model, windows, opt, 5.0, autocast_dtype=autocast_dtype).seconds
+
+
+def bench_variants(windows_per_rep: int, reps: int, device: torch.device) -> dict:
+    """Training tokens/s of each dropout strategy at the medium size (custom loop vs fused kernel)."""
+    windows, tokens = medium_windows(windows_per_rep, device)
+    timers = {
+        name: medium_step_timer(windows, device, variant=variant, **rates) for name, (variant, rates) in VARIANT_RATES.items()
+    }
     out = interleaved_rates(timers, tokens, reps)
     return {
         name: {"train_tokens_per_s": statistics.median(rates), "slowdown_vs_zaremba": paired_ratio(out["zaremba"], rates)}
@@ -303,25 +315,13 @@ def bench_cells(windows_per_rep: int, reps: int, device: torch.device, bf16: boo
     the library's fused layer (fp32 zaremba), the cell's own loop with a mask on h_{t-1}, and in bf16.
     The cells take turns within each repetition; each speed relative to the LSTM's is a median of
     paired ratios."""
-    from lm.model.cells import CELLS
-
-    hidden, bptt, dropout, init = recipe_shapes("medium")
-    torch.manual_seed(0)
-    data = batchify(torch.randint(0, VOCAB, (BATCH * (bptt * (windows_per_rep + 2) + 1),)), BATCH).to(device)
-    windows = bptt_windows(data, bptt)[:windows_per_rep]
-    tokens = sum(y.numel() for _, y in windows)
+    windows, tokens = medium_windows(windows_per_rep, device)
     report = {}
     for mode, (variant, rates, in_bf16) in CELL_MODES.items():
         if in_bf16 and not bf16:
             continue
-        timers = {}
-        for cell in CELLS:
-            model = LanguageModel(VOCAB, hidden, LAYERS, dropout, init, variant=variant, cell=cell, **rates).to(device)
-            opt = torch.optim.SGD(model.parameters(), lr=1.0, foreach=True)
-            dtype = torch.bfloat16 if in_bf16 else None
-            timers[cell] = lambda model=model, opt=opt, dtype=dtype: (
-                train_epoch(model, windows, opt, 5.0, autocast_dtype=dtype).seconds
-            )
+        dtype = torch.bfloat16 if in_bf16 else None
+        timers = {cell: medium_step_timer(windows, device, dtype, variant=variant, cell=cell, **rates) for cell in CELLS}
         rates_by_cell = interleaved_rates(timers, tokens, reps)
         report[mode] = {
             cell: {"train_tokens_per_s": statistics.median(r), "speed_vs_lstm": paired_ratio(r, rates_by_cell["lstm"])}

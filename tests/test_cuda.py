@@ -58,7 +58,9 @@ def test_evaluation_on_cuda_matches_cpu():
 
 def test_recurrent_dropout_variant_trains_on_cuda(shared_tiny_corpus, tmp_path):
     """The variants that mask h_{t-1} run the cell's own time loop instead of cuDNN, compiled."""
-    from lm.model.cells.lstm import compiled_window
+    from lm.model.cells.lstm import LSTMLayer
+
+    compiled_window = LSTMLayer.compiled_window
 
     metrics = _two_steps(shared_tiny_corpus, tmp_path, "cuda", "model.dropout_variant=recurrent", "model.dropout_recurrent=0.3")
     assert metrics["steps"] == 2 and math.isfinite(metrics["valid_ppl"])
@@ -132,7 +134,9 @@ def test_a_graphed_epoch_waits_for_the_gpu_only_at_its_end():
 def test_monte_carlo_evaluation_compiles_nothing():
     """Dropout on at evaluation, h_{t-1} masked, windows of 500 and odd lengths: the eager loop, no compile."""
     from lm.engine.evaluation import evaluate_mc
-    from lm.model.cells.lstm import compiled_window
+    from lm.model.cells.lstm import LSTMLayer
+
+    compiled_window = LSTMLayer.compiled_window
 
     torch.manual_seed(0)
     model = LanguageModel(50, 16, 2, 0.0, 0.1, variant="variational", dropout_recurrent=0.3).cuda()

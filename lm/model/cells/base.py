@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from lm.model.cells.loop import CompiledWindow, Step, compiled_window
 from lm.model.cells.state import LayerState
 
 
@@ -24,6 +25,7 @@ class RecurrentCell:
     name: ClassVar[str]
     gates: ClassVar[int]
     state_names: ClassVar[tuple[str, ...]]
+    step: ClassVar[Step]  # one time step of the own loop (``lm.model.cells.loop``), as a staticmethod
     hidden_size: int
     training: bool
 
@@ -51,6 +53,11 @@ class RecurrentCell:
         raise NotImplementedError
 
     @classmethod
+    def compiled_window(cls) -> CompiledWindow:
+        """The process's compiled window of this cell's step (GPU training)."""
+        return compiled_window(cls.step, cls.name.upper())
+
+    @classmethod
     def compiled_status(cls) -> dict[str, str | int | None]:
         """How this cell's compiled GPU window fared in this process (for metrics.json)."""
-        raise NotImplementedError
+        return cls.compiled_window().status()

@@ -20,13 +20,10 @@ derives its backward). Products in the compute dtype, gates and state in fp32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from lm.kernels.weight_copies import product_weight
-from lm.model.cells import loop
 from lm.model.cells.base import RecurrentCell
 from lm.model.cells.gru_kernel import FusedGRUWindow
 from lm.model.cells.loop import compute_dtype_of, window_loop, window_path
@@ -54,15 +51,13 @@ def gru_step(
     return (n + z * (h - n),)
 
 
-compiled_window = functools.partial(loop.compiled_window, gru_step, "GRU")  # the process's compiled GRU window
-
-
 class GRULayer(RecurrentCell, nn.GRU):
     """A single-layer batch-first ``nn.GRU``; state (h,)."""
 
     name = "gru"
     gates = 3
     state_names = ("h",)
+    step = staticmethod(gru_step)
 
     def __init__(self, input_size: int, hidden_size: int):
         nn.GRU.__init__(self, input_size, hidden_size, batch_first=True)
@@ -71,10 +66,6 @@ class GRULayer(RecurrentCell, nn.GRU):
         """``nn.GRU``'s, with the state as a tuple like every cell's."""
         out, h = nn.GRU.forward(self, x, state[0])
         return out, (h,)
-
-    @classmethod
-    def compiled_status(cls) -> dict[str, str | int | None]:
-        return compiled_window().status()
 
     def window(
         self, x: torch.Tensor, state: LayerState, h_mask: torch.Tensor | None = None, w_hh: torch.Tensor | None = None
@@ -100,7 +91,7 @@ class GRULayer(RecurrentCell, nn.GRU):
             x_proj = x_proj.transpose(0, 1).float()
             result = None
             if path == "compiled":
-                result = compiled_window()(x_proj, (h0,), (w_hh.to(compute_dtype).t(), b_hn), mask, compute_dtype)
+                result = self.compiled_window()(x_proj, (h0,), (w_hh.to(compute_dtype).t(), b_hn), mask, compute_dtype)
             if result is None:
                 params = (product_weight(w_hh, compute_dtype).t(), b_hn)
                 result = window_loop(gru_step, x_proj, (h0,), params, mask, compute_dtype)

@@ -24,14 +24,11 @@ every product).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from lm import kernels
 from lm.kernels.weight_copies import product_weight
-from lm.model.cells import loop
 from lm.model.cells.base import RecurrentCell
 from lm.model.cells.loop import compute_dtype_of, window_path
 from lm.model.cells.state import LayerState
@@ -146,22 +143,16 @@ def lstm_step(
     return h, c
 
 
-compiled_window = functools.partial(loop.compiled_window, lstm_step, "LSTM")  # the process's compiled LSTM window
-
-
 class LSTMLayer(RecurrentCell, nn.LSTM):
     """A single-layer batch-first ``nn.LSTM``; state (h, c)."""
 
     name = "lstm"
     gates = 4
     state_names = ("h", "c")
+    step = staticmethod(lstm_step)
 
     def __init__(self, input_size: int, hidden_size: int):
         nn.LSTM.__init__(self, input_size, hidden_size, batch_first=True)
-
-    @classmethod
-    def compiled_status(cls) -> dict[str, str | int | None]:
-        return compiled_window().status()
 
     def window(
         self, x: torch.Tensor, state: LayerState, h_mask: torch.Tensor | None = None, w_hh: torch.Tensor | None = None
@@ -188,7 +179,7 @@ class LSTMLayer(RecurrentCell, nn.LSTM):
         if path == "compiled":
             with torch.autocast(device, enabled=False):
                 mask = None if h_mask is None else h_mask.float()
-                compiled = compiled_window()(x_proj, (h0, c0), (w_hh.to(compute_dtype).t(),), mask, compute_dtype)
+                compiled = self.compiled_window()(x_proj, (h0, c0), (w_hh.to(compute_dtype).t(),), mask, compute_dtype)
             if compiled is not None:
                 out, (h, c) = compiled
                 result = out, h, c
